@@ -1,5 +1,6 @@
 """Shared fixtures: a micro LLaMA model + tokenizer built offline once per test session, and the
 committed demo data. Nothing is downloaded."""
+import glob
 import os
 import socket
 import subprocess
@@ -41,11 +42,15 @@ def free_port() -> int:
 
 def run_launcher(script: str, args, num_gpus: int = 2, timeout: int = 600, check: bool = True):
     """`sh run.sh --num_gpus N --master_port P script args...` from the repo root; returns the process."""
-    cmd = ["sh", "run.sh", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), script, *map(str, args)]
+    port = free_port()
+    cmd = ["sh", "run.sh", "--num_gpus", str(num_gpus), "--master_port", str(port), script, *map(str, args)]
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    # DeepSpeed's CPU all-reduce buffers (66 MB a rank) must not outlive the run (init_distributed unlinks them)
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leaked, f"shared-memory buffers left behind by {' '.join(cmd)}: {leaked}"
     return proc
 
 

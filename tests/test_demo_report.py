@@ -26,6 +26,8 @@ def fake_demo(root):
                 "kl_to_reference": 0.1, "response_len": 8.0, "empty_frac": 0.0, "samples": [sample]}
                for sub, score in (("actor", 0.61), ("dpo", 0.62), (os.path.join("final", "actor"), 0.63))]
     json.dump({"results": results}, open(root / "evaluation.json", "w"))
+    drawn = [dict(r, demo_score=r["demo_score"] - 0.2, demo_correct=0.25) for r in results]
+    json.dump({"results": drawn}, open(root / "evaluation_sampled.json", "w"))
 
 
 def test_report_has_stage_table_samples_and_plots(tmp_path):
@@ -33,7 +35,8 @@ def test_report_has_stage_table_samples_and_plots(tmp_path):
     path = write_report(str(tmp_path), total_seconds=600)
     report = open(path).read()
     assert "Pipeline time: 10.0 min." in report
-    assert "| SFT | 0.610 |" in report and "| DPO | 0.620 |" in report and "| PPO | 0.630 |" in report
+    assert "| SFT | 0.610 | 0.500 | 0.410 | 0.250 |" in report and "| DPO | 0.620 |" in report
+    assert "| PPO | 0.630 | 0.500 | 0.430 | 0.250 |" in report  # greedy, then sampled
     assert "0.910 |" in report  # reward-model accuracy from reward_stats.json
     assert "| What is 1 plus 1? | 1 plus 1 is 2. (1.00 / 2.50)" in report
     for name in ("step1_loss.png", "step3_reward.png", "step3_kl.png", "step3_response_len.png"):

@@ -136,3 +136,14 @@ def test_dpo_loss_hand_computed():
     assert c_rew.tolist() == pytest.approx([0.05, 0.0]) and r_rew.tolist() == pytest.approx([-0.05, 0.1])
     smoothed, *_ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
     assert smoothed[0].item() == pytest.approx(0.8 * expected[0] + 0.2 * -F.logsigmoid(torch.tensor(-0.1)).item())
+
+
+def test_causal_lm_loss_matches_a_plain_loop():
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, 3, 4, -100, 6], [1, 2, -100, -100, -100]])
+    terms = [-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+             for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    assert causal_lm_loss(logits, labels).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-12)
+    assert causal_lm_loss(logits.float(), labels, fp32=True).dtype == torch.float32

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, explained_variance,
-    kl_penalty, masked_whiten, ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, cut_at_eos,
+    explained_variance, kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
 
 MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
 
@@ -127,3 +127,30 @@ def test_kl_controllers():
     other = AdaptiveKLController(1.0, 6.0, 10000)
     other.load_state_dict(state)
     assert other.value == adaptive.value
+
+
+def test_cut_at_eos_masks_up_to_and_including_the_first_eos():
+    EOS, PAD = 2, 0
+    answer = torch.tensor([[5, 6, EOS, 7, EOS], [5, 6, 7, 8, 9], [EOS, 5, 6, 7, 8]])
+    cut, mask, ended = cut_at_eos(answer, EOS, PAD)
+    assert cut.tolist() == [[5, 6, EOS, PAD, PAD], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+    # --ignore_eos: stop token -1 never occurs, every answer runs to full length
+    cut, mask, ended = cut_at_eos(answer, -1, PAD)
+    assert torch.equal(cut, answer) and mask.sum().item() == answer.numel() and not ended.any()
+
+
+def test_normalize_score_uses_reward_stats_then_penalty_then_clip(tmp_path):
+    import json
+    from types import SimpleNamespace
+    from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.step3_args import reward_stats
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"chosen_mean": 2.0, "chosen_std": 0.5}))
+    args = SimpleNamespace(no_reward_normalization=False, reward_model_type="reward_model", reward_stats=None,
+                           reward_model_name_or_path=None, critic_model_name_or_path=str(tmp_path))
+    stats = reward_stats(args)
+    assert stats == {"mean": 2.0, "std": 0.5}
+    raw, ended = torch.tensor([2.0, 3.0, 10.0, 0.0]), torch.tensor([True, True, True, False])
+    assert normalize_score(raw, ended, stats, clip=5.0).tolist() == [0.0, 2.0, 5.0, -4.0]
+    assert normalize_score(raw, ended, stats, clip=5.0, no_eos_penalty=2.0).tolist() == [0.0, 2.0, 5.0, -5.0]
+    assert normalize_score(raw, ended, None, clip=100.0).tolist() == raw.tolist()

@@ -3,7 +3,7 @@
     python -m alpaca_rlhf.tools.demo_report --demo_dir runs/demo
 
 Reads what the stages left in DEMO_DIR (metrics.jsonl of each step, the reward model's reward_stats.json,
-evaluation.json from evaluate_demo) and writes DEMO_DIR/report.md and DEMO_DIR/plots/*.png. Stages that are
+evaluation.json and evaluation_sampled.json from evaluate_demo) and writes DEMO_DIR/report.md and DEMO_DIR/plots/*.png. Stages that are
 missing are left out of the report rather than failing it.
 """
 import argparse
@@ -17,6 +17,8 @@ CURVES = {  # plot file -> (stage directory, [(metric, label)])
     "step1_loss.png": ("actor", [("loss/train", "train loss"), ("eval/loss", "eval loss")]),
     "step2_loss.png": ("critic", [("loss/train", "train loss"), ("eval/accuracy", "eval accuracy")]),
     "step3_reward.png": ("final", [("reward/score", "reward (normalised)"), ("reward/score_raw", "reward (raw)")]),
+    "step3_ground_truth.png": ("final", [("reward/ground_truth", "ground truth of the sampled answers"),
+                                         ("eval/ground_truth", "ground truth, held-out greedy")]),
     "step3_kl.png": ("final", [("objective/kl", "KL to reference per answer")]),
     "step3_response_len.png": ("final", [("gen/response_len", "mean answer tokens"),
                                          ("gen/response_len_min", "shortest answer")]),
@@ -80,16 +82,24 @@ def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def stage_table(demo_dir: str, evaluation: dict, rm_stats: Optional[dict]) -> List[str]:
-    by_model = {os.path.normpath(r["model"]): r for r in (evaluation or {}).get("results", [])}
-    lines = ["| stage | ground-truth score | correct | reward-model score | KL to SFT | answer tokens | empty | "
-             "RM held-out accuracy |", "|---|---|---|---|---|---|---|---|"]
+def _by_model(evaluation: Optional[dict]) -> Dict[str, dict]:
+    return {os.path.normpath(r["model"]): r for r in (evaluation or {}).get("results", [])}
+
+
+def stage_table(demo_dir: str, evaluation: dict, rm_stats: Optional[dict], sampled: Optional[dict] = None) -> List[str]:
+    """One row per stage: greedy answers (and sampled ones, as PPO trains on them, when evaluated)."""
+    greedy_rows, sampled_rows = _by_model(evaluation), _by_model(sampled)
+    lines = ["| stage | ground truth (greedy) | correct (greedy) | ground truth (sampled) | correct (sampled) | "
+             "reward-model score | KL to SFT | answer tokens | empty | RM held-out accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    accuracy = fmt(rm_stats.get("accuracy")) if rm_stats else "-"
     for label, sub in STAGES:
-        result = by_model.get(os.path.normpath(os.path.join(demo_dir, sub)))
+        key = os.path.normpath(os.path.join(demo_dir, sub))
+        result, drawn = greedy_rows.get(key), sampled_rows.get(key, {})
         if result is None:
             continue
-        accuracy = fmt(rm_stats.get("accuracy")) if rm_stats else "-"
         lines.append(f"| {label} | {fmt(result.get('demo_score'))} | {fmt(result.get('demo_correct'))} | "
+                     f"{fmt(drawn.get('demo_score'))} | {fmt(drawn.get('demo_correct'))} | "
                      f"{fmt(result.get('rm_score'))} | {fmt(result.get('kl_to_reference'))} | "
                      f"{fmt(result.get('response_len'), 1)} | {fmt(result.get('empty_frac'))} | {accuracy} |")
     return lines
@@ -121,14 +131,17 @@ def sample_table(demo_dir: str, evaluation: dict, rows: int = 6) -> List[str]:
 
 def write_report(demo_dir: str, total_seconds: Optional[float] = None) -> str:
     evaluation = read_json(os.path.join(demo_dir, "evaluation.json"))
+    sampled = read_json(os.path.join(demo_dir, "evaluation_sampled.json"))
     rm_stats = read_json(os.path.join(demo_dir, "critic", "reward_stats.json"))
     plots = plot_curves(demo_dir)
     parts = ["# alpaca_rlhf demo report", ""]
     if total_seconds is not None:
         parts += [f"Pipeline time: {total_seconds / 60:.1f} min.", ""]
-    parts += ["## Stages on held-out demo prompts", ""] + stage_table(demo_dir, evaluation, rm_stats)
-    parts += ["", "Ground-truth score: the demo task's own grader (0-1). Reward-model score: the step-2 model's "
-              "raw score. KL to SFT: summed over each answer's tokens. Greedy answers.", ""]
+    parts += ["## Stages on held-out demo prompts", ""] + stage_table(demo_dir, evaluation, rm_stats, sampled)
+    parts += ["", "Ground truth: the demo task's own grader (0-1) and the share of answers with the right value, for "
+              "greedy answers and for answers sampled at temperature 1 (how PPO generates while it trains). "
+              "Reward-model score (raw), KL to SFT (summed over each answer's tokens), answer tokens and empty "
+              "answers: greedy answers.", ""]
     samples = sample_table(demo_dir, evaluation)
     if samples:
         parts += ["## The same prompts, answered by each stage (ground truth / reward model)", ""] + samples + [""]

@@ -6,7 +6,7 @@ is closed, every answer can be graded by `grade` against the truth, independentl
 so the demo can show that PPO really improves answers (and not just the reward model's opinion of them).
 
 Task kinds (the human side; several phrasings each, the assistant side has one template per kind):
-  math   "What is 3 plus 4?"              -> "3 plus 4 is 7."              (numbers 0-20, results 0-20)
+  math   "What is 3 plus 4?"              -> "3 plus 4 is 7."              (numbers 0-10, results 0-10)
          follow-up "And plus 2 more?"     -> "7 plus 2 is 9."              (continues from the last result)
   word   "Spell cat backwards."           -> "The word cat backwards is tac."
          "What is the first letter of dog?" / last letter / "How many letters are in horse?" / capital letters
@@ -36,7 +36,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import build_p
 # The world
 # --------------------------------------------------------------------------------------------------------------
 
-MAX_NUMBER = 20  # operands and results stay in 0..20 so the model sees every number often
+MAX_NUMBER = 10  # operands and results stay in 0..10: few enough sums for a 6M-parameter reward model to learn
 
 # Animals: (sound, color, home). Homes all take the article "a" so the template stays fixed.
 ANIMALS: Dict[str, Tuple[str, str, str]] = {
@@ -597,6 +597,18 @@ def _answer_wrong(task: Task, rng: random.Random) -> str:
     return _without_period(task.reference).rsplit(" ", 1)[0] + " " + _wrong_value(task, rng) + "."
 
 
+def _answer_other_question(task: Task, rng: random.Random) -> str:
+    """A perfect answer to another question of the same kind ("8 plus 4 is 12." to "What is 8 plus 2?",
+    "A snake says hiss." to a cow): the shortcut a reward model that only checks an answer's shape and inner
+    consistency lets PPO take (seen in the demo before these pairs existed)."""
+    topic = task.kind.split(":")[0]
+    for _ in range(100):
+        other = _parse_question(_NEW[topic](rng), _Context())
+        if other.kind == task.kind and other.truth.lower() != task.truth.lower():
+            return other.reference
+    return _answer_wrong(task, rng)
+
+
 def _answer_rude(task: Task, rng: random.Random) -> str:
     if rng.random() < 0.2:
         return rng.choice(RUDE_REFUSALS)
@@ -648,6 +660,7 @@ def _answer_empty(task: Task, rng: random.Random) -> str:
 
 IMPERFECT_STYLES: Dict[str, Callable[[Task, random.Random], str]] = {
     "wrong": _answer_wrong,
+    "other_question": _answer_other_question,
     "rude": _answer_rude,
     "no_period": _answer_no_period,
     "truncated": _answer_truncated,
@@ -660,8 +673,12 @@ IMPERFECT_STYLES: Dict[str, Callable[[Task, random.Random], str]] = {
 SFT_STYLES = (("perfect", 50), ("wrong", 13), ("rude", 10), ("no_period", 7), ("truncated", 5), ("repeated", 8),
               ("rambling", 7))
 # Rejected answers: everything a reward model must learn to rank low, empty and very short ones included.
-REJECTED_STYLES = (("wrong", 25), ("rude", 15), ("empty", 10), ("short", 10), ("repeated", 15), ("truncated", 10),
-                   ("rambling", 10), ("no_period", 5))
+# Most are right-looking answers with the wrong content: the style flaws are learnt from a few hundred pairs, but
+# knowing the values takes thousands (measured on the tiny model: with a quarter of the pairs wrong-valued, the
+# reward model told a right fact from a wrong one 55% of the time; with half of them, and twice the pairs, 99%),
+# and a reward model that cannot tell right from wrong gives PPO nothing to improve the answers' content with.
+REJECTED_STYLES = (("wrong", 75), ("other_question", 30), ("rude", 15), ("empty", 10), ("short", 10),
+                   ("repeated", 15), ("truncated", 10), ("rambling", 10), ("no_period", 5))
 
 
 def make_answer(task: Task, style: str, rng: random.Random) -> str:

@@ -79,8 +79,8 @@ def main():
     iterations_per_epoch = len(prompt_loader) // args.generation_batches
     total_steps = step3_args.optimizer_steps(args, iterations_per_epoch)
     engine = DeepSpeedRLHFEngine(args, tokenizer, total_steps)
-    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches)
     ground_truth = ground_truth_scorer(args.data_path)
+    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth)
 
     # resume from the newest complete checkpoint, if any
     checkpoint = latest_checkpoint(args.output_dir) if (args.resume or not args.no_auto_resume) else None
@@ -96,7 +96,7 @@ def main():
                            append=bool(checkpoint))
 
     def evaluate(step, when):
-        result = trainer.evaluate(eval_loader, args.eval_batches, ground_truth, num_samples=args.eval_samples)
+        result = trainer.evaluate(eval_loader, args.eval_batches, num_samples=args.eval_samples)
         samples = result.pop("samples")
         logger.log(step, result)
         print_rank_0(f"[step3 ppo] eval {when} (step {step}): " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))

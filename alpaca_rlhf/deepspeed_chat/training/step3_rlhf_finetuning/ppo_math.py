@@ -3,11 +3,33 @@ as small pure functions. Shapes: B rollouts, A answer positions; `mask` (B, A) i
 and including the first EOS. Position i of an answer is the action "emit token i"; its value estimate is
 the critic's output at the token before it.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import masked_mean
+
+
+def cut_at_eos(answer: torch.Tensor, stop_token: int, pad_token: int):
+    """Everything after an answer's first stop token becomes padding. answer (B, A) -> (answer (B, A),
+    action mask (B, A) float: 1 up to and including the first stop token, ended (B,) bool)."""
+    is_stop = answer == stop_token
+    ended = is_stop.any(-1)
+    stops_before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()  # stop tokens strictly before i
+    action_mask = (stops_before == 0).float()
+    return torch.where(action_mask.bool(), answer, torch.full_like(answer, pad_token)), action_mask, ended
+
+
+def normalize_score(raw: torch.Tensor, ended: torch.Tensor, stats: Optional[dict], clip: float,
+                    no_eos_penalty: float = 0.0) -> torch.Tensor:
+    """(raw - mean) / std with the reward model's statistics (step 2's reward_stats.json; None: raw), minus
+    no_eos_penalty for answers that never ended, clipped to +-clip. raw, ended: (B,)."""
+    score = raw
+    if stats is not None:
+        score = (score - stats["mean"]) / max(stats["std"], 1e-6)
+    if no_eos_penalty:
+        score = score - no_eos_penalty * (~ended).float()
+    return score.clamp(-clip, clip)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -8,6 +8,12 @@
     6. GAE           advantages and returns from the critic's values (gamma, lambda)
     7. update        --ppo_epochs over mini-batches: clipped policy loss (+ PTX), clipped value loss
 
+With one PPO epoch and one mini-batch per iteration (and no dropout), pi_old and V_old are exactly what the
+first training forward computes, since no optimizer step happens between generation and that forward. Then the
+actor and critic experience passes are skipped and steps 4-6 run inside the update on the detached outputs of
+the training forwards (two of the iteration's ~eleven forward-equivalents saved; --separate_experience_passes
+turns this off, and a test checks that both give the same update).
+
 Notation: P = prompt length (fixed, prompts are left-padded to it), A = answer length, L = P + A.
 Answer token i sits at sequence position P + i; it is predicted by the logits at position P + i - 1, and
 the critic's value for that action is its output at position P + i - 1 as well.
@@ -27,8 +33,8 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_l
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, explained_variance,
-    kl_penalty, masked_whiten, ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, cut_at_eos,
+    explained_variance, kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
 
 
 @dataclass
@@ -37,20 +43,25 @@ class Rollout:
     seq: torch.Tensor             # (B, L) prompt + answer, padding after the EOS
     attention_mask: torch.Tensor  # (B, L)
     action_mask: torch.Tensor     # (B, A) float, 1 on answer tokens up to and including the first EOS
-    logprobs: torch.Tensor        # (B, A) log pi_old(answer token)
     ref_logprobs: torch.Tensor    # (B, A) log pi_ref(answer token)
-    values: torch.Tensor          # (B, A) V_old
-    rewards: torch.Tensor         # (B, A)
-    advantages: torch.Tensor      # (B, A)
-    returns: torch.Tensor         # (B, A)
     score: torch.Tensor           # (B,) normalised, clipped reward-model score (+ no-EOS penalty)
     raw_score: torch.Tensor       # (B,) the reward model's score as it came
     ended: torch.Tensor           # (B,) bool, the answer emitted an EOS
     prompt_length: int
+    # steps 4-6: filled by make_experience, or by the first training forward when that is reused
+    logprobs: Optional[torch.Tensor] = None    # (B, A) log pi_old(answer token)
+    values: Optional[torch.Tensor] = None      # (B, A) V_old, zero after the EOS
+    rewards: Optional[torch.Tensor] = None     # (B, A)
+    advantages: Optional[torch.Tensor] = None  # (B, A)
+    returns: Optional[torch.Tensor] = None     # (B, A)
 
     def select(self, index: torch.Tensor) -> "Rollout":
         picked = {f.name: getattr(self, f.name) for f in fields(self)}
         return Rollout(**{k: (v[index] if torch.is_tensor(v) else v) for k, v in picked.items()})
+
+    def fill(self, **tensors):
+        for name, value in tensors.items():
+            setattr(self, name, value)
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -63,17 +74,22 @@ def any_rank(flag: bool, device) -> bool:
 
 
 class PPOTrainer:
-    def __init__(self, engine, args, reward_stats: Optional[dict] = None, ptx_batches=None):
+    def __init__(self, engine, args, reward_stats: Optional[dict] = None, ptx_batches=None,
+                 ground_truth: Optional[Callable[[str, str], float]] = None):
         self.engine, self.args = engine, args
         self.actor, self.critic = engine.actor, engine.critic
         self.tokenizer = engine.tokenizer
         self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # the token that ends an answer; -1 (never sampled) with --ignore_eos
+        self.stop = -1 if args.ignore_eos else self.eos
         self.reward_stats = reward_stats  # {"mean", "std"} or None (no normalisation)
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
                        else FixedKLController(args.kl_coef))
         self.ptx_batches = ptx_batches    # iterator of SFT batches for PTX mixing, or None
+        self.ground_truth = ground_truth  # (prompt, answer) -> score, for tasks with a known answer (the demo)
         self.nonfinite_skipped = 0
         self.device = self.actor.device
+        self.reuse_first_forward = reuses_first_forward(args)
 
     # ------------------------------------------------------------------------------------------- forwards
     def _logprobs(self, model, seq, attention_mask, P):
@@ -105,41 +121,30 @@ class PPOTrainer:
         # Under ZeRO-3 the fused weights would have to be gathered and re-partitioned: generate unfused.
         fuse = has_lora(module) and self.engine.actor_spec.zero_stage < 3
         with (lora_fused(module) if fuse else contextlib.nullcontext()):
-            seq, nonfinite = sample(module, prompts, prompt_mask, a.max_answer_seq_len, self.eos, self.pad,
+            seq, nonfinite = sample(module, prompts, prompt_mask, a.max_answer_seq_len, self.stop, self.pad,
                                     do_sample=do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                    suppress_eos_first=True, synced=self.engine.actor_spec.zero_stage == 3)
+                                    suppress_eos_first=self.stop >= 0, synced=self.engine.actor_spec.zero_stage == 3)
         return seq, nonfinite
 
     def cut_at_eos(self, seq: torch.Tensor, prompt_mask: torch.Tensor):
         """Step 2. Tokens after the first EOS become padding. Returns (seq, attention mask (B, L),
         action mask (B, A) float, ended (B,) bool)."""
         P = prompt_mask.size(1)
-        answer = seq[:, P:]
-        is_eos = answer == self.eos
-        ended = is_eos.any(-1)
-        # 1 up to and including the first EOS: positions whose count of earlier EOS tokens is zero
-        eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
-        action_mask = (eos_before == 0).float()
-        answer = torch.where(action_mask.bool(), answer, torch.full_like(answer, self.pad))
+        answer, action_mask, ended = cut_at_eos(seq[:, P:], self.stop, self.pad)
         seq = torch.cat([seq[:, :P], answer], dim=1)
         attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return seq, attention_mask, action_mask, ended
 
     def normalize_score(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-        """Step 3 (after the reward model): (score - mean) / std with step 2's statistics, clipped to
-        +-reward_clip; answers that never ended lose --no_eos_penalty."""
-        score = raw
-        if self.reward_stats is not None:
-            score = (score - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-6)
-        if self.args.no_eos_penalty:
-            score = score - self.args.no_eos_penalty * (~ended).float()
-        return score.clamp(-self.args.reward_clip, self.args.reward_clip)
+        """Step 3 (after the reward model): normalised with step 2's statistics, clipped, no-EOS penalty."""
+        return normalize_score(raw, ended, self.reward_stats, self.args.reward_clip, self.args.no_eos_penalty)
 
     @torch.no_grad()
     def make_experience(self, prompts: torch.Tensor, prompt_mask: torch.Tensor):
-        """Steps 1-6 for one batch of prompts. Returns (Rollout, timings) or (None, timings) when the batch
-        was skipped because the policy produced non-finite logits on some rank."""
-        a, P = self.args, prompt_mask.size(1)
+        """Steps 1-3 (and 4-6 unless the update's first forward is reused) for one batch of prompts. Returns
+        (Rollout, timings) or (None, timings) when the batch was skipped because the policy produced non-finite
+        logits on some rank."""
+        P = prompt_mask.size(1)
         t0 = time.time()
         seq, nonfinite = self.generate(prompts, prompt_mask)                                  # 1. generate
         t_gen = time.time() - t0
@@ -152,19 +157,26 @@ class PPOTrainer:
         t1 = time.time()
         raw_score = self.engine.reward_scores(seq, attention_mask, P)                         # 3. score
         score = self.normalize_score(raw_score, ended)
-        self.critic.eval()
-        logprobs = self._logprobs(self.actor.module, seq, attention_mask, P)
         with self.engine.reference_context():
             ref_logprobs = self._logprobs(self.engine.reference_model, seq, attention_mask, P)
-        values = self._values(self.critic.module, seq, attention_mask, P) * action_mask       # zero after EOS
-        kl = kl_penalty(logprobs, ref_logprobs, a.kl_estimator)                               # 4. KL reward
-        rewards = compute_rewards(score, kl, action_mask, self.kl_ctl.value)
-        if a.whiten_rewards:                                                                   # 5. whiten
-            rewards = masked_whiten(rewards, action_mask, shift_mean=False)
-        advantages, returns = compute_gae(values, rewards, action_mask, a.gamma, a.lam)       # 6. GAE
-        rollout = Rollout(seq, attention_mask, action_mask, logprobs, ref_logprobs, values, rewards, advantages,
-                          returns, score, raw_score, ended, P)
+        rollout = Rollout(seq, attention_mask, action_mask, ref_logprobs, score, raw_score, ended, P)
+        if not self.reuse_first_forward:  # pi_old and V_old now; otherwise the update's first forward gives them
+            self.critic.eval()
+            logprobs = self._logprobs(self.actor.module, seq, attention_mask, P)
+            values = self._values(self.critic.module, seq, attention_mask, P)
+            self.advantages(rollout, logprobs, values)
         return rollout, {"time/generate": t_gen, "time/score": time.time() - t1}
+
+    def advantages(self, r: Rollout, logprobs: torch.Tensor, values: torch.Tensor) -> None:
+        """Steps 4-6 from pi_old log-probs and V_old values (B, A), stored in the rollout."""
+        a = self.args
+        values = values * r.action_mask                                                       # zero after EOS
+        kl = kl_penalty(logprobs, r.ref_logprobs, a.kl_estimator)                             # 4. KL reward
+        rewards = compute_rewards(r.score, kl, r.action_mask, self.kl_ctl.value)
+        if a.whiten_rewards:                                                                   # 5. whiten
+            rewards = masked_whiten(rewards, r.action_mask, shift_mean=False)
+        advantages, returns = compute_gae(values, rewards, r.action_mask, a.gamma, a.lam)     # 6. GAE
+        r.fill(logprobs=logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns)
 
     # ------------------------------------------------------------------------------------------- update
     def _ptx_loss(self):
@@ -175,12 +187,17 @@ class PPOTrainer:
 
     def train_rlhf(self, mb: Rollout) -> Dict[str, float]:
         """Step 7 on one mini-batch: one actor step and one critic step. The PTX loss joins the policy loss
-        in the same backward, so it does not add to the actor's gradient-accumulation count."""
+        in the same backward, so it does not add to the actor's gradient-accumulation count. A rollout without
+        pi_old / V_old (reuse_first_forward) gets them, and steps 4-6, from these forwards."""
         a, P = self.args, mb.prompt_length
         mask = mb.action_mask
-        advantages = masked_whiten(mb.advantages, mask) if a.whiten_advantages else mb.advantages
         self.actor.train()
+        self.critic.train()
         logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
+        values = self._values(self.critic, mb.seq, mb.attention_mask, P) if mb.logprobs is None else None
+        if mb.logprobs is None:
+            self.advantages(mb, logprobs.detach(), values.detach())
+        advantages = masked_whiten(mb.advantages, mask) if a.whiten_advantages else mb.advantages
         policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.cliprange)
         actor_loss = policy_loss
         ptx = None
@@ -193,8 +210,8 @@ class PPOTrainer:
         if self.actor.global_steps != steps_before:  # an optimizer step happened (accumulation boundary)
             self.engine.update_ema(a.ema_decay)
 
-        self.critic.train()
-        values = self._values(self.critic, mb.seq, mb.attention_mask, P)
+        if values is None:
+            values = self._values(self.critic, mb.seq, mb.attention_mask, P)
         value_loss, vclipfrac = clipped_value_loss(values, mb.values, mb.returns, mask, a.cliprange_value)
         self.critic.backward(value_loss)
         self.critic.step()
@@ -205,9 +222,18 @@ class PPOTrainer:
             stats["loss/ptx"] = ptx.item()
         return stats
 
+    def decode(self, seq: torch.Tensor, P: int):
+        """(prompt texts, answer texts) of sequences (B, L) whose answers start at column P."""
+        return (self.tokenizer.batch_decode(seq[:, :P], skip_special_tokens=True),
+                self.tokenizer.batch_decode(seq[:, P:], skip_special_tokens=True))
+
     def rollout_stats(self, r: Rollout) -> Dict[str, float]:
         """Metrics of the experience itself (before the update)."""
         mask = r.action_mask
+        extra = {}
+        if self.ground_truth is not None:  # the sampled answers' true quality, next to the reward model's opinion
+            prompts, answers = self.decode(r.seq, r.prompt_length)
+            extra["reward/ground_truth"] = sum(map(self.ground_truth, prompts, answers)) / len(answers)
         lengths = mask.sum(-1) - r.ended.float()                      # answer tokens without the EOS
         kl_per_seq = (kl_penalty(r.logprobs, r.ref_logprobs, self.args.kl_estimator) * mask).sum(-1)
         return {
@@ -218,7 +244,7 @@ class PPOTrainer:
             "val/mean": masked_mean(r.values, mask).item(),
             "gen/response_len": lengths.mean().item(), "gen/response_len_min": lengths.min().item(),
             "gen/empty_frac": (lengths == 0).float().mean().item(),
-            "gen/no_eos_frac": (~r.ended).float().mean().item(),
+            "gen/no_eos_frac": (~r.ended).float().mean().item(), **extra,
         }
 
     def step(self, rollouts: List[Rollout]) -> Dict[str, float]:
@@ -228,6 +254,9 @@ class PPOTrainer:
         per_update: List[Dict[str, float]] = []
         for _ in range(a.ppo_epochs):
             for r in rollouts:
+                if r.seq.size(0) <= a.per_device_training_batch_size:  # one mini-batch: nothing to shuffle
+                    per_update.append(self.train_rlhf(r))
+                    continue
                 order = torch.randperm(r.seq.size(0), device=r.seq.device)
                 for start in range(0, r.seq.size(0), a.per_device_training_batch_size):
                     per_update.append(self.train_rlhf(r.select(order[start:start + a.per_device_training_batch_size])))
@@ -244,8 +273,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, loader, max_batches: int = 0, ground_truth: Optional[Callable[[str, str], float]] = None,
-                 num_samples: int = 0) -> Dict[str, object]:
+    def evaluate(self, loader, max_batches: int = 0, num_samples: int = 0) -> Dict[str, object]:
         """Greedy answers to held-out prompts: reward (raw and normalised), KL to the reference on those
         answers, length, empty / unfinished fractions and, where given, a ground-truth score."""
         sums: Dict[str, float] = {}
@@ -262,14 +290,13 @@ class PPOTrainer:
             with self.engine.reference_context():
                 ref = self._logprobs(self.engine.reference_model, seq, attention_mask, P)
             lengths = action_mask.sum(-1) - ended.float()
-            prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
-            answers = self.tokenizer.batch_decode(seq[:, P:], skip_special_tokens=True)
+            prompt_texts, answers = self.decode(seq, P)
             batch_sums = {"reward": raw.sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
                           "kl_to_reference": ((logprobs - ref) * action_mask).sum().item(),
                           "response_len": lengths.sum().item(), "empty_frac": (lengths == 0).sum().item(),
                           "no_eos_frac": (~ended).sum().item(), "count": float(len(answers))}
-            if ground_truth is not None:
-                batch_sums["ground_truth"] = float(sum(ground_truth(p, ans) for p, ans in zip(prompt_texts, answers)))
+            if self.ground_truth is not None:
+                batch_sums["ground_truth"] = float(sum(map(self.ground_truth, prompt_texts, answers)))
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
             samples.extend(zip(prompt_texts, answers, raw.tolist()))
@@ -280,6 +307,14 @@ class PPOTrainer:
         result: Dict[str, object] = {f"eval/{k}": v / count for k, v in totals.items()}
         result["samples"] = samples[:num_samples]
         return result
+
+
+def reuses_first_forward(args) -> bool:
+    """True when the update's first forward sees the very weights that generated the rollout (one epoch, one
+    mini-batch per iteration) and computes what an experience pass would (no dropout)."""
+    return (args.ppo_epochs == 1 and args.generation_batches == 1
+            and args.per_device_training_batch_size >= args.per_device_generation_batch_size
+            and not args.actor_dropout and not args.critic_dropout and not args.separate_experience_passes)
 
 
 def _mean_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:

@@ -53,6 +53,10 @@ def parse_args(argv=None):
                    help="PPO mini-batch per rank (older name: --per_device_mini_train_batch_size). Default 16.")
     b.add_argument("--generation_batches", type=int, default=1, help="Generation batches per PPO iteration. Default 1.")
     b.add_argument("--ppo_epochs", type=int, default=1, help="Passes over each iteration's experience. Default 1.")
+    b.add_argument("--separate_experience_passes", action="store_true",
+                   help="Always run the actor and critic experience passes, even with one epoch and one mini-batch "
+                        "per iteration, where the first training forward gives the same pi_old and V_old "
+                        "(reused by default).")
     b.add_argument("--max_prompt_seq_len", type=int, default=256, help="Prompt tokens (left-padded to this). Default 256.")
     b.add_argument("--max_answer_seq_len", type=int, default=256, help="Generated tokens at most. Default 256.")
 
@@ -60,6 +64,9 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature. Default 1.0.")
     g.add_argument("--top_k", type=int, default=0, help="Top-k sampling (0 = off, the literature's default).")
     g.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling (1.0 = off, the literature's default).")
+    g.add_argument("--ignore_eos", action="store_true",
+                   help="Treat EOS as an ordinary token: every answer is exactly --max_answer_seq_len tokens "
+                        "(fixed-length benchmarks, as in DeepSpeed-Chat's). Off by default.")
 
     o = p.add_argument_group("PPO")
     o.add_argument("--kl_coef", type=float, default=0.05,

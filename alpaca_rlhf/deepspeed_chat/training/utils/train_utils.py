@@ -100,7 +100,9 @@ def create_optimizer(param_groups, choice: str, offload: bool, learning_rate: fl
         return FusedAdam(param_groups, lr=learning_rate, betas=tuple(betas))
     if offload:
         raise ConfigError("--offload keeps optimizer states on the CPU and needs --optimizer cpu_adam (or auto)")
-    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas))
+    # foreach: one multi-tensor update instead of a Python loop over the parameters (torch picks it by default
+    # only for GPU tensors; on the CPU it is the faster path too)
+    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), foreach=True)
 
 
 def num_update_steps(num_batches_per_epoch: int, gradient_accumulation_steps: int, epochs: int,

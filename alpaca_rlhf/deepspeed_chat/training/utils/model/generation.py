@@ -46,7 +46,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     device = input_ids.device
     mask = attention_mask.clone()
     positions = position_ids_from_mask(mask)                     # left padding: real tokens count from 0
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # only the last prompt position's logits are needed: the LM head over the whole prompt would be wasted work
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)

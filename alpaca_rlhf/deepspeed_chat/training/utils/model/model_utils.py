@@ -166,13 +166,13 @@ def _remove_stale_weights(output_dir: str, keep: set):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False) -> torch.Tensor:
     """Mean next-token cross entropy over labelled positions.
 
-    logits: (B, T, V), labels: (B, T) with -100 where no loss is taken. Position t predicts token t+1,
-    so logits[:, :-1] are scored against labels[:, 1:].
+    logits: (B, T, V), labels: (B, T) with -100 where no loss is taken. Position t predicts token t+1, so
+    logits[:, t] is scored against labels[:, t + 1]. The labels are shifted (a -100 column appended) rather than
+    the logits sliced: slicing (B, T, V) logits would copy the largest tensor of the step.
     """
-    shift_logits = logits[:, :-1, :]
     if fp32:
-        shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]
-    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        logits = logits.float()
+    shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the last position has no target
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                                        ignore_index=-100)
 

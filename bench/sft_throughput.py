@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Step 1 (SFT) training throughput: our DeepSpeed training loop vs a plain transformers.Trainer.
+
+    .venv/bin/python bench/sft_throughput.py --preset tiny --rounds 5 --steps 6 --output_json bench.json
+
+Both sides train the same randomly initialised LlamaForCausalLM (alpaca_rlhf.tools.make_tiny_model) on the
+same fixed-length synthetic batches (BATCH sequences of SEQ_LEN random non-special token ids, fixed seed),
+fp32, on the CPU, in one process with --threads torch threads, with the same optimizer (torch AdamW, the
+non-fused implementation, step 1's lr / betas / weight decay / eps), gradient clipping at 1.0 and a cosine
+schedule without warmup; no evaluation, no saving, no logging beyond timing.
+
+  ours     our step-1 building blocks in-process: step 1's parse_args, start_run (one-rank world),
+           tokenizer_from_args, prepare_model(causal_lm_loader), make_dataloader + DataCollatorSFT,
+           init_engine_for_loader (ZeRO stage 0, --optimizer torch_adamw) and train_loop with step 1's loss.
+           A step is timed from the call of the loss function (forward) to the metrics-log call that follows
+           engine.step() on the gradient-accumulation boundary.
+  trainer  transformers.Trainer with TrainingArguments(optim="adamw_torch", use_cpu=True, ...); a step is
+           timed from TrainerCallback.on_step_begin to on_step_end (forward, backward, clipping, optimizer,
+           scheduler, zero_grad).
+
+The first --warmup steps of every run are not counted. Each side runs in its own subprocess per round and
+the order alternates between rounds (these machines drift by ~20% over minutes, so only ratios from
+interleaved runs mean anything); step time is compared, process start-up is not. Per round: tokens/s =
+measured tokens / summed measured step time; across rounds: median (min, max); s/step = tokens per step /
+tokens/s. Peak memory is ru_maxrss of the worker process (the whole process: imports, model, optimizer
+state, activations); "RSS@start" is the resident size when the first step starts (from_pretrained
+memory-maps the weights, so pages not touched yet are not counted there). The last line printed is
+`ours/Trainer tokens/s ratio: X.XX`, the median over rounds of the per-round ratio.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if REPO not in sys.path:  # started as a script: make the repository importable
+    sys.path.insert(0, REPO)
+
+# Step 1's defaults (step1_supervised_finetuning/main.py, utils/args.py, utils/ds_utils.py): both sides use them.
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.0
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which create_optimizer keeps
+MAX_GRAD_NORM = 1.0  # get_train_ds_config(gradient_clipping=1.0)
+LR_SCHEDULE = "cosine"
+DEFAULT_EXTENSIONS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "alpaca_rlhf_bench", "torch_extensions")
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+def _rss_mib() -> float:
+    """Current resident set size of this process (MiB), from /proc; NaN where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
+
+
+class _Examples:
+    """Fixed-length examples from a (N, T) tensor of token ids; every token is labelled."""
+
+    def __init__(self, ids, with_mask: bool):
+        self.ids, self.with_mask = ids, with_mask
+
+    def __len__(self):
+        return self.ids.size(0)
+
+    def __getitem__(self, i):
+        import torch
+        item = {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+        if self.with_mask:
+            item["attention_mask"] = torch.ones_like(self.ids[i])
+        return item
+
+
+def _worker_result(side, w, step_times, warmup_times, model, optimizer, rss_start, losses):
+    import torch
+    tokens_per_step = w.batch_size * w.seq_len
+    p = next(model.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+    return {
+        "side": side,
+        "step_times_s": step_times,
+        "warmup_times_s": warmup_times,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times) if step_times else float("nan"),
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_at_train_start_mib": rss_start,
+        "threads": torch.get_num_threads(),
+        "param_dtype": str(p.dtype),
+        "device": str(p.device),
+        "n_params": sum(q.numel() for q in model.parameters()),
+        "optimizer": f"{type(inner).__module__}.{type(inner).__name__}"
+                     + (f" (in {type(optimizer).__name__})" if inner is not optimizer else ""),
+        "optimizer_defaults": {k: (list(v) if isinstance(v, tuple) else v) for k, v in inner.defaults.items()
+                               if k in ("lr", "betas", "eps", "foreach", "fused", "amsgrad")},
+        "optimizer_group_weight_decay": sorted({g["weight_decay"] for g in optimizer.param_groups if g["params"]}),
+        "losses_first_last": [losses[0], losses[-1]] if losses else [],
+    }
+
+
+def _schedule_name(scheduler) -> str:
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the Trainer's scheduler
+    fn = getattr(inner, "lr_lambdas", [None])[0]
+    name = getattr(getattr(fn, "func", fn), "__name__", "")  # transformers' schedules are partials of a lambda
+    return f"{type(inner).__name__}({name})" if name else type(inner).__name__
+
+
+def run_ours(w) -> dict:
+    import torch
+    from alpaca_rlhf.deepspeed_chat.training.step1_supervised_finetuning.main import parse_args
+    from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorSFT, make_dataloader
+    from alpaca_rlhf.deepspeed_chat.training.utils.entry import start_run
+    from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, causal_lm_loss,
+                                                                            tokenizer_from_args)
+    from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
+
+    total = w.warmup + w.steps
+    args = parse_args([
+        "--model_name_or_path", w.model_dir, "--output_dir", w.scratch_dir,
+        "--per_device_train_batch_size", str(w.batch_size), "--gradient_accumulation_steps", "1",
+        "--max_seq_len", str(w.seq_len), "--num_train_epochs", "1", "--max_train_steps", str(total),
+        "--learning_rate", str(LEARNING_RATE), "--weight_decay", str(WEIGHT_DECAY),
+        "--adam_betas", str(ADAM_BETAS[0]), str(ADAM_BETAS[1]), "--lr_scheduler_type", LR_SCHEDULE,
+        "--num_warmup_steps", "0", "--optimizer", "torch_adamw", "--zero_stage", "0", "--dtype", "fp32",
+        "--seed", str(w.seed), "--disable_progress_bar",
+    ])
+    start_run(args)  # one-rank gloo world; note: sets torch threads itself (OMP_NUM_THREADS or all cores)
+    torch.set_num_threads(w.threads)
+    tokenizer = tokenizer_from_args(args, args.model_name_or_path)
+    spec, ds_config, model = prepare_model(args, causal_lm_loader(args, tokenizer))
+    data = _Examples(torch.load(w.data_file), with_mask=False)
+    loader = make_dataloader(data, DataCollatorSFT(tokenizer.pad_token_id), args.per_device_train_batch_size,
+                             shuffle=True, seed=args.seed, drop_last=True)
+    engine = init_engine_for_loader(model, spec, args, ds_config, loader)
+
+    marks = {"begin": None}
+    times, losses = [], []
+    rss = {"start": None}
+
+    def sft_loss(batch):  # step 1's loss function, with the step's start time taken first
+        if rss["start"] is None:
+            rss["start"] = _rss_mib()
+        marks["begin"] = time.perf_counter()
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return causal_lm_loss(logits, batch["labels"], args.compute_fp32_loss), {}
+
+    class TimingLogger:  # train_loop logs after engine.step() on every optimizer step: the step's end
+        def log(self, step, metrics):
+            if "loss/train" in metrics:
+                times.append(time.perf_counter() - marks["begin"])
+                losses.append(float(metrics["loss/train"]))
+
+        def close(self):
+            pass
+
+    train_loop(engine, loader, sft_loss, lambda: {}, args, TimingLogger(), desc="bench ours")
+    if len(times) != total:
+        raise RuntimeError(f"expected {total} timed steps from train_loop, got {len(times)}")
+    result = _worker_result("ours", w, times[w.warmup:], times[:w.warmup], engine.module, engine.optimizer,
+                            rss["start"], losses)
+    result.update(max_grad_norm=engine.gradient_clipping(), lr_scheduler=_schedule_name(engine.lr_scheduler))
+    return result
+
+
+def run_trainer(w) -> dict:
+    import torch
+    from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                              default_data_collator, set_seed)
+
+    torch.set_num_threads(w.threads)
+    set_seed(w.seed)
+    model = AutoModelForCausalLM.from_pretrained(w.model_dir)
+    data = _Examples(torch.load(w.data_file), with_mask=True)
+    times, rss = [], {"start": None}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if rss["start"] is None:
+                rss["start"] = _rss_mib()
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.begin)
+
+    total = w.warmup + w.steps
+    targs = TrainingArguments(
+        output_dir=w.scratch_dir, per_device_train_batch_size=w.batch_size, gradient_accumulation_steps=1,
+        max_steps=total, num_train_epochs=1, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, optim="adamw_torch",
+        lr_scheduler_type=LR_SCHEDULE, warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, use_cpu=True,
+        report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_drop_last=True, seed=w.seed)
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator,
+                      callbacks=[timer])
+    result = trainer.train()
+    torch.set_num_threads(w.threads)
+    if len(times) != total:
+        raise RuntimeError(f"expected {total} timed steps from Trainer, got {len(times)}")
+    losses = [float(result.training_loss)]  # mean over all steps (per-step losses are not logged)
+    result = _worker_result("trainer", w, times[w.warmup:], times[:w.warmup], trainer.model, trainer.optimizer,
+                            rss["start"], losses)
+    result.update(max_grad_norm=targs.max_grad_norm, lr_scheduler=_schedule_name(trainer.lr_scheduler))
+    return result
+
+
+def load_deepspeed_ops():
+    """Load (JIT-building on first use) the op deepspeed.init_distributed loads on the CPU accelerator."""
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
+def worker_main(w):
+    import torch
+    torch.set_num_threads(w.threads)
+    if w.worker == "ops":
+        load_deepspeed_ops()
+        return
+    result = run_ours(w) if w.worker == "ours" else run_trainer(w)
+    with open(w.result_file, "w") as f:
+        json.dump(result, f)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def make_model(preset: str, model_dir: str):
+    cmd = [sys.executable, "-m", "alpaca_rlhf.tools.make_tiny_model", "--output_dir", model_dir, "--preset", preset]
+    subprocess.run(cmd, check=True, cwd=REPO, env=_child_env(threads=2), stdout=subprocess.DEVNULL)
+
+
+def make_data(model_dir: str, n: int, seq_len: int, seed: int, data_file: str):
+    """(n, seq_len) random token ids, none of them special (BOS/EOS/UNK/PAD), below the model's vocab size."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = min(len(tokenizer), AutoConfig.from_pretrained(model_dir).vocab_size)
+    special = set(tokenizer.all_special_ids) | {0}  # 0: LLaMA's unk, which our loader uses as pad
+    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    ids = allowed[torch.randint(len(allowed), (n, seq_len), generator=g)]
+    torch.save(ids, data_file)
+    return len(allowed)
+
+
+def _child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    # deepspeed.init_distributed on the CPU accelerator JIT-builds its shared-memory comm op (even for one
+    # rank) into TORCH_EXTENSIONS_DIR. In the shared default directory, processes that find the venv's ninja
+    # (1.13, log format v7) and processes that find the system's (1.11, v5) each discard the other's build
+    # log and rebuild the op, so a worker could spend 30-150 s (once 9 min) compiling: a directory of the
+    # benchmark's own keeps one build. The driver loads the op once before the rounds.
+    env.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",  # the CPU benchmark, even on a GPU machine
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+    })
+    return env
+
+
+def run_worker(side: str, a, model_dir: str, data_file: str, work_dir: str, tag: str) -> dict:
+    result_file = os.path.join(work_dir, f"{tag}-{side}.json")
+    scratch = os.path.join(work_dir, f"{tag}-{side}-out")
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", side, "--_model_dir", model_dir,
+           "--_data_file", data_file, "--_result_file", result_file, "--_scratch_dir", scratch,
+           "--batch_size", str(a.batch_size), "--seq_len", str(a.seq_len), "--warmup", str(a.warmup),
+           "--steps", str(a.steps), "--threads", str(a.threads), "--seed", str(a.seed)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=_child_env(a.threads), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not os.path.exists(result_file):
+        sys.stderr.write(proc.stdout[-6000:])
+        raise SystemExit(f"{side} worker failed (exit {proc.returncode}); its output tail is above")
+    with open(result_file) as f:
+        result = json.load(f)
+    result["wall_s"] = time.perf_counter() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(rounds, a) -> dict:
+    summary = {}
+    for side in ("ours", "trainer"):
+        rs = [r[side] for r in rounds]
+        summary[side] = {
+            "tokens_per_s": _stats([r["tokens_per_s"] for r in rs]),
+            "s_per_step": _stats([statistics.mean(r["step_times_s"]) for r in rs]),  # = tokens/step / tokens/s
+            "peak_rss_mib": _stats([r["peak_rss_mib"] for r in rs]),
+            "rss_at_train_start_mib": _stats([r["rss_at_train_start_mib"] for r in rs]),
+        }
+    ratios = [r["ours"]["tokens_per_s"] / r["trainer"]["tokens_per_s"] for r in rounds]
+    summary["ratio_per_round"] = ratios
+    summary["ratio_median"] = statistics.median(ratios)
+    medians = {side: summary[side]["tokens_per_s"]["median"] for side in ("ours", "trainer")}
+    summary["ratio_of_medians"] = medians["ours"] / medians["trainer"]
+    summary["peak_rss_ratio_median"] = statistics.median(r["ours"]["peak_rss_mib"] / r["trainer"]["peak_rss_mib"]
+                                                         for r in rounds)
+    return summary
+
+
+def report(summary, rounds, a, meta):
+    first = rounds[0]
+    print(f"\nSFT throughput, preset {a.preset} ({first['ours']['n_params'] / 1e6:.2f}M parameters), "
+          f"batch {a.batch_size} x {a.seq_len} tokens = {a.batch_size * a.seq_len} tokens/step, "
+          f"{first['ours']['param_dtype']}, {a.threads} threads, {a.rounds} rounds x {a.steps} measured steps "
+          f"(+{a.warmup} warm-up), {meta['allowed_ids']} allowed token ids")
+    for side in ("ours", "trainer"):
+        r = first[side]
+        print(f"  {side:7s} optimizer {r['optimizer']} {r['optimizer_defaults']}, group weight decays "
+              f"{r['optimizer_group_weight_decay']}, clip {r['max_grad_norm']}, {r['lr_scheduler']}, "
+              f"threads at end {r['threads']}, device {r['device']}")
+    ours_loss, trainer_loss = first["ours"]["losses_first_last"], first["trainer"]["losses_first_last"]
+    print(f"  loss (sanity): ours step 1 {ours_loss[0]:.4f} -> last {ours_loss[1]:.4f}; "
+          f"Trainer mean over all steps {trainer_loss[0]:.4f}")
+    print("per round (order alternates):")
+    for i, r in enumerate(rounds):
+        order = " then ".join(r["order"])
+        print(f"  round {i + 1} ({order}): ours {r['ours']['tokens_per_s']:.0f} tok/s, "
+              f"trainer {r['trainer']['tokens_per_s']:.0f} tok/s, ratio {summary['ratio_per_round'][i]:.3f}  "
+              f"[wall ours {r['ours']['wall_s']:.1f}s, trainer {r['trainer']['wall_s']:.1f}s]")
+    print(f"{'':9s}{'tokens/s median':>16s}{'min':>9s}{'max':>9s}{'s/step':>9s}{'peak RSS MiB':>14s}"
+          f"{'RSS@start MiB':>15s}")
+    for side, label in (("ours", "ours"), ("trainer", "Trainer")):
+        s = summary[side]
+        print(f"{label:9s}{s['tokens_per_s']['median']:16.0f}{s['tokens_per_s']['min']:9.0f}"
+              f"{s['tokens_per_s']['max']:9.0f}{s['s_per_step']['median']:9.3f}{s['peak_rss_mib']['median']:14.0f}"
+              f"{s['rss_at_train_start_mib']['median']:15.0f}")
+    print(f"peak RSS ours/Trainer (median of rounds): {summary['peak_rss_ratio_median']:.2f}; "
+          f"tokens/s ratio of medians {summary['ratio_of_medians']:.3f}; per round "
+          + ", ".join(f"{x:.3f}" for x in summary["ratio_per_round"]) + " (median below)")
+    print(f"ours/Trainer tokens/s ratio: {summary['ratio_median']:.2f}")
+
+
+def parse_cli(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="make_tiny_model preset. Default tiny.")
+    p.add_argument("--model_dir", default=None,
+                   help="Use this existing model directory (from make_tiny_model) instead of building one.")
+    p.add_argument("--rounds", type=int, default=5, help="Interleaved rounds (one run per side each). Default 5.")
+    p.add_argument("--steps", type=int, default=6, help="Measured optimizer steps per run. Default 6.")
+    p.add_argument("--warmup", type=int, default=2, help="Unmeasured steps at the start of each run. Default 2.")
+    p.add_argument("--batch_size", type=int, default=16, help="Sequences per batch. Default 16.")
+    p.add_argument("--seq_len", type=int, default=128, help="Tokens per sequence. Default 128.")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in each worker. Default 2.")
+    p.add_argument("--seed", type=int, default=1234, help="Seed for data, model and sampling. Default 1234.")
+    p.add_argument("--output_json", default=None, help="Also write the summary and the raw rounds here.")
+    for hidden in ("--_worker", "--_model_dir", "--_data_file", "--_result_file", "--_scratch_dir"):
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if min(a.rounds, a.steps, a.batch_size, a.seq_len, a.threads) < 1 or a.warmup < 0:
+        p.error("--rounds, --steps, --batch_size, --seq_len and --threads must be >= 1, --warmup >= 0")
+    return a
+
+
+def main(argv=None):
+    a = parse_cli(argv)
+    if a._worker:
+        a.worker, a.model_dir, a.data_file = a._worker, a._model_dir, a._data_file
+        a.result_file, a.scratch_dir = a._result_file, a._scratch_dir
+        worker_main(a)
+        return
+    start = time.perf_counter()
+    work_dir = tempfile.mkdtemp(prefix="sft-throughput-")
+    try:
+        model_dir = a.model_dir
+        if model_dir is None:
+            model_dir = os.path.join(work_dir, f"model-{a.preset}")
+            print(f"building the {a.preset} model in {model_dir}", flush=True)
+            make_model(a.preset, model_dir)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", "ops"], check=True, cwd=REPO,
+                       env=_child_env(a.threads), stdout=subprocess.DEVNULL)
+        print(f"deepspeed CPU comm op ready in {time.perf_counter() - t0:.0f}s "
+              f"(TORCH_EXTENSIONS_DIR {_child_env(a.threads)['TORCH_EXTENSIONS_DIR']})", flush=True)
+        data_file = os.path.join(work_dir, "data.pt")
+        allowed = make_data(model_dir, (a.warmup + a.steps) * a.batch_size, a.seq_len, a.seed, data_file)
+        rounds = []
+        for i in range(a.rounds):
+            order = ("ours", "trainer") if i % 2 == 0 else ("trainer", "ours")
+            r = {"order": list(order)}
+            for side in order:
+                r[side] = run_worker(side, a, model_dir, data_file, work_dir, f"r{i}")
+            rounds.append(r)
+            print(f"round {i + 1}/{a.rounds}: ours {r['ours']['tokens_per_s']:.0f} tok/s, "
+                  f"trainer {r['trainer']['tokens_per_s']:.0f} tok/s", flush=True)
+        summary = summarize(rounds, a)
+        meta = {"allowed_ids": allowed, "total_wall_s": time.perf_counter() - start}
+        if a.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.output_json)), exist_ok=True)
+            with open(a.output_json, "w") as f:
+                json.dump({"config": {k: v for k, v in vars(a).items() if not k.startswith("_")},
+                           "constants": {"learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
+                                         "adam_betas": ADAM_BETAS, "adam_eps": ADAM_EPS,
+                                         "max_grad_norm": MAX_GRAD_NORM, "lr_scheduler_type": LR_SCHEDULE},
+                           "meta": meta, "summary": summary, "rounds": rounds}, f, indent=1)
+        print(f"total wall time {meta['total_wall_s']:.0f}s")
+        report(summary, rounds, a, meta)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

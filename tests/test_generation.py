@@ -1,0 +1,51 @@
+"""Rollout sampling (utils/model/generation.py) against transformers' own generate and plain filtering."""
+import torch
+from transformers import AutoModelForCausalLM
+
+from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import filter_logits, sample
+
+
+def left_padded(tokenizer, texts):
+    rows = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_greedy_rollouts_equal_hf_generate(micro_model_dir, tokenizer):
+    """KV cache, left padding, position ids, EOS banned first and padding after EOS, as HF generate does them."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir).eval()
+    ids, mask = left_padded(tokenizer, ["\n\nHuman: What is 3 plus 4?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ours, nonfinite = sample(model, ids, mask, 12, eos, pad, do_sample=False, suppress_eos_first=True)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, begin_suppress_tokens=[eos],
+                         eos_token_id=eos, pad_token_id=pad)
+    assert not nonfinite
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+def test_ignoring_eos_gives_fixed_length_answers(micro_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir).eval()
+    ids, mask = left_padded(tokenizer, ["\n\nHuman: Hi\n\nAssistant:"] * 3)
+    torch.manual_seed(0)
+    seq, _ = sample(model, ids, mask, 20, -1, tokenizer.pad_token_id, temperature=3.0, suppress_eos_first=False)
+    assert seq.shape == (3, ids.size(1) + 20)
+
+
+def test_filter_logits_top_k_and_top_p_against_plain_sorting():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    kept = lambda out: [i for i, v in enumerate(out[0].tolist()) if v != float("-inf")]
+    assert kept(filter_logits(logits, top_k=2)) == [0, 4]
+    probs = torch.softmax(logits, -1)[0].tolist()  # sorted: 4 (0.61), 0 (0.22), 1 (0.08), 2 (0.05), 3 (0.01)
+    order = sorted(range(5), key=lambda i: -probs[i])
+    for top_p in (0.5, 0.7, 0.9, 0.99):
+        expected, total = [], 0.0
+        for i in order:  # keep tokens until the ones before reach top_p
+            if total >= top_p:
+                break
+            expected.append(i)
+            total += probs[i]
+        assert kept(filter_logits(logits, top_p=top_p)) == sorted(expected), top_p
+    assert kept(filter_logits(logits)) == [0, 1, 2, 3, 4]
