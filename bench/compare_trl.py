@@ -305,7 +305,6 @@ def driver_main(args):
         sys.stderr.write(INSTALL_HINT + "\n")
         return 2
     actor_dir, critic_dir = pt.prepare_models(args.preset, args.model, args.critic_model)
-    pt.private_extension_cache()  # inherited by the workers
     work = tempfile.mkdtemp(prefix="compare-trl-")
     common = ["--preset", args.preset, "--model", actor_dir, "--critic_model", critic_dir,
               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed),

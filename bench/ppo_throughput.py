@@ -52,14 +52,6 @@ def set_threads(threads: int):
         os.environ[var] = str(threads)
 
 
-def private_extension_cache():
-    """deepspeed.init_distributed JIT-builds its CPU shm_comm op into TORCH_EXTENSIONS_DIR. Processes that build
-    it with a different command (e.g. runs through the deepspeed launcher) share ~/.cache/torch_extensions and make
-    every other process rebuild it (minutes on a busy machine; outside the timed iterations, but slow). The
-    benchmark keeps its own cache: built once, then reused. TORCH_EXTENSIONS_DIR set by the caller wins."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(BENCH_DIR, ".torch_extensions"))
-
-
 # ------------------------------------------------------------------------------------------------ models
 def _run_quiet(cmd, what: str):
     proc = subprocess.run(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -621,7 +613,6 @@ def main(argv=None):
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
     set_threads(args.threads)
-    private_extension_cache()
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     actor_dir, critic_dir = prepare_models(args.preset, args.model, args.critic_model)

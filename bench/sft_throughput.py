@@ -48,7 +48,6 @@ ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which create_optimizer keeps
 MAX_GRAD_NORM = 1.0  # get_train_ds_config(gradient_clipping=1.0)
 LR_SCHEDULE = "cosine"
-DEFAULT_EXTENSIONS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "alpaca_rlhf_bench", "torch_extensions")
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -263,12 +262,6 @@ def make_data(model_dir: str, n: int, seq_len: int, seed: int, data_file: str):
 
 def _child_env(threads: int) -> dict:
     env = dict(os.environ)
-    # deepspeed.init_distributed on the CPU accelerator JIT-builds its shared-memory comm op (even for one
-    # rank) into TORCH_EXTENSIONS_DIR. In the shared default directory, processes that find the venv's ninja
-    # (1.13, log format v7) and processes that find the system's (1.11, v5) each discard the other's build
-    # log and rebuild the op, so a worker could spend 30-150 s (once 9 min) compiling: a directory of the
-    # benchmark's own keeps one build. The driver loads the op once before the rounds.
-    env.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
@@ -398,8 +391,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", "ops"], check=True, cwd=REPO,
                        env=_child_env(a.threads), stdout=subprocess.DEVNULL)
-        print(f"deepspeed CPU comm op ready in {time.perf_counter() - t0:.0f}s "
-              f"(TORCH_EXTENSIONS_DIR {_child_env(a.threads)['TORCH_EXTENSIONS_DIR']})", flush=True)
+        # the op is JIT-built once (init_distributed keeps every process on one ninja, so it is not rebuilt)
+        print(f"deepspeed CPU comm op ready in {time.perf_counter() - t0:.0f}s", flush=True)
         data_file = os.path.join(work_dir, "data.pt")
         allowed = make_data(model_dir, (a.warmup + a.steps) * a.batch_size, a.seq_len, a.seed, data_file)
         rounds = []

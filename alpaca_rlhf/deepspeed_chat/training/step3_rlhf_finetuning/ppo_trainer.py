@@ -194,8 +194,9 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
-        values = self._values(self.critic, mb.seq, mb.attention_mask, P) if mb.logprobs is None else None
-        if mb.logprobs is None:
+        values = None
+        if mb.logprobs is None:  # reused first forward: pi_old = this policy, V_old = this critic (detached)
+            values = self._values(self.critic, mb.seq, mb.attention_mask, P)
             self.advantages(mb, logprobs.detach(), values.detach())
         advantages = masked_whiten(mb.advantages, mask) if a.whiten_advantages else mb.advantages
         policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.cliprange)
