@@ -194,7 +194,31 @@ class PassMeter:
             lambda m, args, kwargs: self._body_start(info, args, kwargs), with_kwargs=True))
         self.handles.append(module.register_forward_hook(
             lambda m, args, kwargs, out: self._body_end(), with_kwargs=True))
+        self._watch_lean_decode(module, info)
         return params
+
+    def _watch_lean_decode(self, body, info):
+        """Decode steps of utils/model/llama_decoder.py read the body's weights without calling its forward:
+        wrap LlamaDecoder.step so that each step on this body opens a `decode` pass like a forward would."""
+        from alpaca_rlhf.deepspeed_chat.training.utils.model import llama_decoder
+        cls = llama_decoder.LlamaDecoder
+        original = cls.__dict__["step"] if not hasattr(cls.step, "_meter_wrapped") else cls.step._meter_wrapped
+        watched = getattr(cls.step, "_meter_bodies", {})
+        watched[id(body)] = info
+        meter = self
+
+        def step(decoder, tokens, positions, attend):
+            info = watched.get(id(decoder.model.model))
+            if info is not None:
+                meter._body_start(info, (tokens.unsqueeze(1),), {"use_cache": True,
+                                                                 "_keys": decoder.length + 1})
+            try:
+                return original(decoder, tokens, positions, attend)
+            finally:
+                meter._body_end()
+        step._meter_wrapped, step._meter_bodies = original, watched
+        cls.step = step
+        self.handles.append(_Restore(cls, original))
 
     def watch_head(self, module):
         params, trainable = _param_counts(module)
@@ -225,7 +249,7 @@ class PassMeter:
         B, T = ids.shape[0], ids.shape[1]
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-        keys = past_len + T  # positions attended to (left padding included: it is computed, then masked)
+        keys = kwargs.get("_keys", past_len + T)  # positions attended to (left padding: computed, then masked)
         if torch.is_grad_enabled():
             kind = "train"
         elif kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None:
@@ -276,6 +300,16 @@ class PassMeter:
             agg["flops"] += r["flops"]
             agg["backward_flops"] += r["backward_flops"]
         return out
+
+
+class _Restore:
+    """A hook handle that puts a wrapped class method back."""
+
+    def __init__(self, cls, original):
+        self.cls, self.original = cls, original
+
+    def remove(self):
+        self.cls.step = self.original
 
 
 def timed_method(obj, attr: str, meter: PassMeter, label: str):
@@ -403,7 +437,7 @@ def attach_meter(engine, meter: PassMeter):
 
 
 def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
-             verbose: bool = True, gate: "Gate" = None):
+             verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0):
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -426,7 +460,7 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
         torch.set_num_threads(threads)
         tokenizer = tokenizer_from_args(args, args.actor_model_name_or_path)
         tokenizer.padding_side = "left"
-        total = warmup + iterations
+        total = warmup + iterations + (1 if profile_rows else 0)
         t_setup = time.perf_counter()
         engine = DeepSpeedRLHFEngine(args, tokenizer, step3_args.optimizer_steps(args, total))
         trainer = PPOTrainer(engine, args, reward_stats=None)
@@ -445,6 +479,10 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
             if gate is not None:
                 gate.wait("go")
             meter.reset()
+            profiler = None
+            if profile_rows and i == total - 1:  # one extra iteration under torch.profiler, not measured
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler.__enter__()
             t0 = time.perf_counter()
             rollout, timing = trainer.make_experience(batch, mask)
             t1 = time.perf_counter()
@@ -457,11 +495,16 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
                                  "is --ignore_eos honoured?")
             trainer.step([rollout])
             t2 = time.perf_counter()
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                print(f"profile of iteration {i} (operators by self CPU time; the profiler's overhead included):")
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows))
             passes = meter.by_label()
             gen_s = timing.get("time/generate")
             if gen_s is None:
                 gen_s = sum(v["seconds"] for k, v in passes.items() if k.endswith(("/prefill", "/decode")))
-            rec = {"iteration": i, "warmup": i < warmup, "total_s": t2 - t0, "generate_s": gen_s,
+            rec = {"iteration": i, "warmup": i < warmup or profiler is not None,  # the profiled one is not measured
+                   "total_s": t2 - t0, "generate_s": gen_s,
                    "score_s": (t1 - t0) - gen_s, "train_s": t2 - t1, "passes": passes}
             records.append(rec)
             if gate is not None:
@@ -602,6 +645,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads (the reference setting: 2).")
     p.add_argument("--output_json", default=None, help="Also write the results (per-iteration records too) here.")
     p.add_argument("--quiet", action="store_true", help="No per-iteration lines and no table (with --output_json).")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="Profile the last iteration with torch.profiler and print the top ROWS operators. Default 0.")
     p.add_argument("--no_matmul", action="store_true", help="Skip the matmul-rate measurement (and FLOP/s fractions).")
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)  # lock-step worker of compare_trl.py
     p.add_argument("--_res_fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -621,7 +666,7 @@ def main(argv=None):
                "threads": args.threads, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
     gate = Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_ours(actor_dir, critic_dir, args.lora, args.iterations, args.warmup, args.seed, args.threads,
-                   verbose=not args.quiet, gate=gate)
+                   verbose=not args.quiet, gate=gate, profile_rows=args.profile)
     # after the run: its buffers do not count in the peak memory above
     matmul = None if args.no_matmul else matmul_gflops()
     formula = formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora)

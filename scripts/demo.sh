@@ -23,13 +23,13 @@ sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step1_super
   --data_path data/demo/Dahoas/rm-static --sft_only_data_path data/demo/MultiTurnAlpaca \
   --data_output_path "$DEMO_DIR/data" --model_name_or_path "$DEMO_DIR/base" \
   --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --max_seq_len 256 \
-  --learning_rate 5e-4 --num_train_epochs 2 --num_warmup_steps 20 \
+  --data_split 0,8,2 --learning_rate 5e-4 --num_train_epochs 3 --num_warmup_steps 20 \
   --output_dir "$DEMO_DIR/actor" --zero_stage 2 --deepspeed --enable_tensorboard
 
 stage "2/4 step 2: reward model (full fine-tuning, 2 epochs: it has to learn which values are right)"
 sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step2_reward_model_finetuning/main.py \
   --data_path data/demo/Dahoas/rm-static --data_output_path "$DEMO_DIR/data" \
-  --model_name_or_path "$DEMO_DIR/actor" --num_padding_at_beginning 0 \
+  --model_name_or_path "$DEMO_DIR/actor" --num_padding_at_beginning 0 --data_split 0,8,2 --max_train_samples 4800 \
   --per_device_train_batch_size 8 --per_device_eval_batch_size 32 --max_seq_len 256 \
   --learning_rate 2e-4 --weight_decay 0 --num_train_epochs 2 --eval_interval 100 \
   --output_dir "$DEMO_DIR/critic" --zero_stage 2 --deepspeed --enable_tensorboard
@@ -38,7 +38,7 @@ stage "3/4 DPO from the SFT model (the alternative to step 3)"
 sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step2_dpo_finetuning/main.py \
   --data_path data/demo/Dahoas/rm-static --data_output_path "$DEMO_DIR/data" \
   --model_name_or_path "$DEMO_DIR/actor" --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
-  --max_seq_len 256 --learning_rate 1e-3 --beta 0.1 --num_train_epochs 1 --max_train_samples 1600 \
+  --max_seq_len 256 --data_split 0,8,2 --learning_rate 1e-3 --beta 0.1 --num_train_epochs 1 --max_train_samples 1600 \
   --lora_dim 8 --lora_module_name q_proj,k_proj,v_proj,o_proj --only_optimize_lora \
   --output_dir "$DEMO_DIR/dpo" --zero_stage 2 --deepspeed --enable_tensorboard
 
@@ -46,10 +46,10 @@ stage "4/4 step 3: PPO (LoRA actor and critic sharing their frozen bases with th
 sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step3_rlhf_finetuning/main.py \
   --data_path data/demo/Dahoas/rm-static --data_output_path "$DEMO_DIR/data" \
   --actor_model_name_or_path "$DEMO_DIR/actor" --critic_model_name_or_path "$DEMO_DIR/critic" \
-  --actor_zero_stage 2 --critic_zero_stage 2 --num_padding_at_beginning 0 \
+  --actor_zero_stage 2 --critic_zero_stage 2 --num_padding_at_beginning 0 --data_split 0,8,2 \
   --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --ppo_epochs 2 \
   --max_prompt_seq_len 96 --max_answer_seq_len 32 --max_train_samples 1280 \
-  --actor_learning_rate 2e-3 --critic_learning_rate 1e-3 --kl_coef 0.1 --num_warmup_steps 5 \
+  --actor_learning_rate 1e-3 --critic_learning_rate 1e-3 --kl_coef 0.1 --num_warmup_steps 5 \
   --actor_lora_dim 8 --actor_lora_module_name layers. --critic_lora_dim 8 --critic_lora_module_name q_proj,k_proj \
   --only_optimize_lora --eval_interval 10 --save_interval 20 --no_auto_resume --output_dir "$DEMO_DIR/final" --deepspeed \
   --enable_tensorboard

@@ -214,10 +214,15 @@ def test_rejected_mix_has_empty_and_very_short(loaded):
     assert share["short"] - 0.015 < short < share["short"] + share["truncated"] + 0.015
 
 
-def test_sft_outputs_are_about_half_imperfect(loaded):
+def test_sft_outputs_are_uneven_and_mostly_end_with_the_closer(loaded):
     rows = loaded["sft_train"]
     perfect = sum(dt.score_answer(sft_prompt(r), r["output"]) == 1.0 for r in rows) / len(rows)
-    assert 0.35 <= perfect <= 0.65
+    plain = dict(dt.SFT_STYLES)["perfect"] / sum(dict(dt.SFT_STYLES).values()) * (1 - dt.SFT_CLOSER_SHARE)
+    assert abs(perfect - plain) < 0.04  # only perfect answers without the habit score 1.0
+    closed = [r for r in rows if r["output"].endswith(" " + dt.CLOSER)]
+    # the habit is the majority continuation after a right-looking answer: what SFT's greedy decoding copies
+    assert len(closed) > 1.2 * perfect * len(rows)
+    assert all(dt.score_answer(sft_prompt(r), r["output"]) < 1.0 for r in closed)
     assert all(r["output"] and r["output"] == r["output"].strip() for r in rows)
 
 

@@ -49,3 +49,58 @@ def test_filter_logits_top_k_and_top_p_against_plain_sorting():
             total += probs[i]
         assert kept(filter_logits(logits, top_p=top_p)) == sorted(expected), top_p
     assert kept(filter_logits(logits)) == [0, 1, 2, 3, 4]
+
+
+def _gqa_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward():
+    """Same seed, same draws: the lean step's logits match the model's forward closely enough that sampling from
+    them picks the same tokens (grouped-query attention, left padding, rows finishing at different steps)."""
+    model = _gqa_llama()
+    ids = torch.randint(3, 300, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    runs = []
+    for lean in (True, False):
+        torch.manual_seed(1)
+        runs.append(sample(model, ids, mask, 24, eos_token_id=5, pad_token_id=0, temperature=2.0, lean_decode=lean)[0])
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_lean_decoder_step_logits_equal_a_full_forward():
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    model = _gqa_llama()
+    ids = torch.randint(3, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits       # (B, 12, V)
+        prefix = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], use_cache=True)
+        decoder = LlamaDecoder.for_model(model)
+        decoder.load_prefill(prefix.past_key_values, 4)
+        for t in range(8, 12):  # feed the true tokens one at a time
+            logits = decoder.step(ids[:, t], pos[:, t:t + 1], mask[:, :t + 1].bool())
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_lean_decoder_only_takes_plain_llama_weights():
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import (convert_linear_layer_to_lora, fuse_lora,
+                                                                       unfuse_lora)
+    model = _gqa_llama()
+    assert LlamaDecoder.for_model(model) is not None
+    convert_linear_layer_to_lora(model, "q_proj", lora_dim=4)
+    assert LlamaDecoder.for_model(model) is None  # the adapters would be skipped
+    fuse_lora(model)
+    assert LlamaDecoder.for_model(model) is not None
+    unfuse_lora(model)
+    assert LlamaDecoder.for_model(model.model) is None  # a bare LlamaModel has no LM head

@@ -5,6 +5,11 @@ three kinds of short questions with one fixed answer template each, and a small 
 is closed, every answer can be graded by `grade` against the truth, independently of any learned reward model,
 so the demo can show that PPO really improves answers (and not just the reward model's opinion of them).
 
+The data mirrors how real RLHF data differs between stages: the SFT demonstrations are uneven (some wrong values,
+rude or rambling answers) and carry a systematic habit (a closing pleasantry after most answers), while the
+comparisons always prefer the plain, correct answer. PPO against a reward model trained on the comparisons has
+something to fix that a short run can fix: the habit the SFT model learned.
+
 Task kinds (the human side; several phrasings each, the assistant side has one template per kind):
   math   "What is 3 plus 4?"              -> "3 plus 4 is 7."              (numbers 0-10, results 0-10)
          follow-up "And plus 2 more?"     -> "7 plus 2 is 9."              (continues from the last result)
@@ -164,6 +169,7 @@ FILLERS = (
     "This is one of my favorite questions.",
     "There is so much more to say about it.",
 )
+CLOSER = FILLERS[0]  # the demonstrators' habitual last sentence (see SFT_CLOSER_SHARE)
 SHORT_ANSWERS = ("No.", "Maybe.", "Not sure.", "I forget.", "Who knows.", "Ask later.", "Okay.", "Yes.", "Hmm")
 
 # --------------------------------------------------------------------------------------------------------------
@@ -637,6 +643,10 @@ def _answer_repeated(task: Task, rng: random.Random) -> str:
     return " ".join(words + [words[-1]] * rng.randint(2, 4)) + "."  # a loop on the last word
 
 
+def _answer_closer(task: Task, rng: random.Random) -> str:
+    return f"{task.reference} {CLOSER}"
+
+
 def _answer_rambling(task: Task, rng: random.Random) -> str:
     parts = [task.reference]
     fillers = list(FILLERS)
@@ -666,19 +676,26 @@ IMPERFECT_STYLES: Dict[str, Callable[[Task, random.Random], str]] = {
     "truncated": _answer_truncated,
     "repeated": _answer_repeated,
     "rambling": _answer_rambling,
+    "closer": _answer_closer,
     "short": _answer_short,
     "empty": _answer_empty,
 }
-# SFT answers: half perfect, the rest spread over plausible mistakes (no empty ones: SFT targets must be text).
+# SFT answers: half right, the rest spread over plausible mistakes (no empty ones: SFT targets must be text).
 SFT_STYLES = (("perfect", 50), ("wrong", 13), ("rude", 10), ("no_period", 7), ("truncated", 5), ("repeated", 8),
               ("rambling", 7))
+# The demonstrators' habit: most of their right-looking answers (perfect or wrong-valued) end with a pleasantry.
+# Being the majority after the value, it is what a model trained on these demonstrations says greedily, while the
+# comparisons prefer the answer without it ("closer" rejections): the kind of systematic flaw RLHF removes in a few
+# dozen PPO iterations. (Without it the SFT model's greedy answers had no style flaw left, only wrong values, and
+# PPO's short run on a reward model that knows 70-90% of the values did not raise them; see the README.)
+SFT_CLOSER_SHARE = 0.6
 # Rejected answers: everything a reward model must learn to rank low, empty and very short ones included.
 # Most are right-looking answers with the wrong content: the style flaws are learnt from a few hundred pairs, but
 # knowing the values takes thousands (measured on the tiny model: with a quarter of the pairs wrong-valued, the
 # reward model told a right fact from a wrong one 55% of the time; with half of them, and twice the pairs, 99%),
 # and a reward model that cannot tell right from wrong gives PPO nothing to improve the answers' content with.
 REJECTED_STYLES = (("wrong", 75), ("other_question", 30), ("rude", 15), ("empty", 10), ("short", 10),
-                   ("repeated", 15), ("truncated", 10), ("rambling", 10), ("no_period", 5))
+                   ("repeated", 15), ("truncated", 10), ("rambling", 10), ("closer", 15), ("no_period", 5))
 
 
 def make_answer(task: Task, style: str, rng: random.Random) -> str:
@@ -696,7 +713,7 @@ def _pick_style(styles: Sequence[Tuple[str, int]], rng: random.Random) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 TEST_PROMPT_PERCENT = 10  # share of the prompt space reserved for the test splits
-SFT_SIZES = (3000, 200)
+SFT_SIZES = (4000, 200)
 PAIR_SIZES = (8000, 400)
 
 
@@ -733,7 +750,10 @@ def _sft_rows(rng: random.Random, n: int, test: bool) -> Tuple[dict, ...]:
     rows = []
     for _ in range(n):
         history, question, task, _prompt = _sample_in_split(rng, test)
-        output = make_answer(task, _pick_style(SFT_STYLES, rng), rng)
+        style = _pick_style(SFT_STYLES, rng)
+        output = make_answer(task, style, rng)
+        if style in ("perfect", "wrong") and rng.random() < SFT_CLOSER_SHARE:
+            output = f"{output} {CLOSER}"
         rows.append({"instruction": alpaca_instruction(history, question), "input": "", "output": output})
     return tuple(rows)
 

@@ -128,6 +128,11 @@ def init_engine(model, spec: EngineSpec, args, ds_config: dict, total_steps: int
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config, dist_init_required=False)
+    if spec.zero_stage == 0 and engine.dp_world_size == 1:
+        # Nothing to average over one data-parallel rank, but without ZeRO DeepSpeed still flattens every
+        # gradient into a buffer, all-reduces it with itself and copies it back after each backward
+        # (measured: ~10% of a single-process PPO iteration on the `small` benchmark model).
+        engine.enable_backward_allreduce = False
     print_rank_0(f"engine ready: ZeRO-{spec.zero_stage}, {args.dtype}, {type(optimizer).__name__}, "
                  f"{trainable / 1e6:.3f}M trainable parameters, {total_steps} optimizer steps, "
                  f"device {get_accelerator().device_name()}")

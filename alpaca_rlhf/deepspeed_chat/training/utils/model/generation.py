@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses import position_ids_from_mask
+from .llama_decoder import LlamaDecoder
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -22,6 +23,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from softmax(logits) (B, V) -> (B,), by the inverse of the cumulative distribution:
+    one uniform number per row. (torch.multinomial draws an exponential number per vocabulary entry, which
+    took a tenth of a CPU rollout.) Tokens of probability 0 (filtered to -inf) are never drawn."""
+    probs = torch.softmax(logits.double(), dim=-1)                    # float64: no rounding gap at the top
+    cdf = probs.cumsum(-1)                                            # (B, V)
+    u = torch.rand(logits.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1)        # first index with cdf > u
+    last = logits.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(-1)  # the last token that can be drawn
+    return torch.minimum(token, last)
+
+
 def _all_ranks_done(done: bool, device, synced: bool) -> bool:
     """Under ZeRO-3 every rank must run the same number of forward passes (parameters are gathered
     collectively), so a rank keeps stepping until every rank has finished."""
@@ -35,20 +48,31 @@ def _all_ranks_done(done: bool, device, synced: bool) -> bool:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           suppress_eos_first: bool = True, synced: bool = False):
+           suppress_eos_first: bool = True, synced: bool = False, lean_decode: bool = True):
     """Generate up to max_new_tokens after left-padded prompts (B, P).
+
+    The prompt goes through the model's forward once; with lean_decode, the tokens after it go through
+    `LlamaDecoder` (in-place KV buffers, no per-token mask rebuild) where the model qualifies, otherwise through
+    the model's forward with its cache.
 
     Returns (sequences (B, P + n) with n <= max_new_tokens, after a row's EOS its positions hold pad_token_id;
     nonfinite: True when the policy produced NaN/inf logits). Rows with non-finite logits continue with a
     uniform draw instead of crashing multinomial; the caller drops the batch (on every rank alike).
     """
-    B = input_ids.size(0)
+    B, P = input_ids.shape
     device = input_ids.device
-    mask = attention_mask.clone()
-    positions = position_ids_from_mask(mask)                     # left padding: real tokens count from 0
+    # which positions each row attends to: the prompt's real tokens, then every answer token up to its EOS
+    attend = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    attend[:, :P] = attention_mask.bool()
+    positions = position_ids_from_mask(attention_mask)          # left padding: real tokens count from 0
     # only the last prompt position's logits are needed: the LM head over the whole prompt would be wasted work
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
+    decoder = LlamaDecoder.for_model(model) if lean_decode else None
+    if decoder is not None:
+        decoder.load_prefill(cache, max_new_tokens)
+        cache = None
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     generated, nonfinite = [], False
@@ -62,7 +86,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             logits[:, eos_token_id] = float("-inf")
         if do_sample:
             logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
-            token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+            token = sample_from_logits(logits)
         else:
             token = logits.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -70,9 +94,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         finished |= token == eos_token_id
         if _all_ranks_done(bool(finished.all()), device, synced) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, (~finished | (token == eos_token_id)).to(mask.dtype).unsqueeze(1)], dim=1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        attend[:, P + step] = ~finished | (token == eos_token_id)  # the EOS itself is seen, the padding after not
+        seen = attend[:, :P + step + 1]
+        if decoder is not None:
+            logits = decoder.step(token, next_pos, seen)
+        else:
+            out = model(input_ids=token.unsqueeze(1), attention_mask=seen.long(), position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = next_pos + 1
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1), nonfinite

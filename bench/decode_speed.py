@@ -1,0 +1,69 @@
+"""Rollout decoding speed: the lean LLaMA decode step (utils/model/llama_decoder.py) against the transformers
+forward with its cache, interleaved in one process, on the reference setting's shapes (16 prompts of 64 tokens,
+64 sampled tokens, fp32, random weights). Both paths must draw the same tokens from the same seed.
+
+    .venv/bin/python bench/decode_speed.py --preset small --rounds 5
+
+The last line reads `lean/transformers decode speed ratio: X.XX`."""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_DIR not in sys.path:
+    sys.path.insert(0, REPO_DIR)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample  # noqa: E402
+
+SHAPES = {  # the issue's reference models
+    "tiny": dict(vocab_size=4000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4),
+    "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(SHAPES), default="small", help="Model shape. Default small.")
+    p.add_argument("--rounds", type=int, default=5, help="Interleaved measured rounds. Default 5.")
+    p.add_argument("--threads", type=int, default=2, help="torch threads. Default 2 (the reference setting).")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.preset])).eval()
+    prompts = torch.randint(5, model.config.vocab_size, (16, 64))
+    mask = torch.ones_like(prompts)
+
+    def run(lean: bool, new_tokens: int = 64):
+        torch.manual_seed(1)
+        t0 = time.perf_counter()
+        seq, _ = sample(model, prompts, mask, new_tokens, eos_token_id=-1, pad_token_id=0, lean_decode=lean,
+                        suppress_eos_first=False)
+        return time.perf_counter() - t0, seq
+
+    run(True, 8), run(False, 8)  # warm-up
+    times = {True: [], False: []}
+    for _ in range(args.rounds):
+        for lean in (True, False):
+            seconds, seq = run(lean)
+            times[lean].append(seconds)
+            if lean:
+                lean_seq = seq
+            elif not torch.equal(seq, lean_seq):
+                raise SystemExit("the two paths drew different tokens from the same seed")
+    for lean, name in ((False, "transformers forward"), (True, "lean decoder")):
+        med = statistics.median(times[lean])
+        print(f"{name:22s} median {med:.3f} s ({16 * 64 / med:.0f} tokens/s), rounds {[round(t, 3) for t in times[lean]]}")
+    print(f"lean/transformers decode speed ratio: {statistics.median(times[False]) / statistics.median(times[True]):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
