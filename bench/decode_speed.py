@@ -60,8 +60,10 @@ def main(argv=None):
                 raise SystemExit("the two paths drew different tokens from the same seed")
     for lean, name in ((False, "transformers forward"), (True, "lean decoder")):
         med = statistics.median(times[lean])
-        print(f"{name:22s} median {med:.3f} s ({16 * 64 / med:.0f} tokens/s), rounds {[round(t, 3) for t in times[lean]]}")
-    print(f"lean/transformers decode speed ratio: {statistics.median(times[False]) / statistics.median(times[True]):.2f}")
+        rounds = [round(t, 3) for t in times[lean]]
+        print(f"{name:22s} median {med:.3f} s ({16 * 64 / med:.0f} tokens/s), rounds {rounds}")
+    ratio = statistics.median(times[False]) / statistics.median(times[True])
+    print(f"lean/transformers decode speed ratio: {ratio:.2f}")
     return 0
 
 

@@ -180,6 +180,7 @@ class PassMeter:
     def __init__(self):
         self.records = []
         self.handles = []
+        self._infos = {}  # id(body) -> what watch_body computed for it
         self._open = None
         self._starts = []
 
@@ -194,17 +195,17 @@ class PassMeter:
             lambda m, args, kwargs: self._body_start(info, args, kwargs), with_kwargs=True))
         self.handles.append(module.register_forward_hook(
             lambda m, args, kwargs, out: self._body_end(), with_kwargs=True))
-        self._watch_lean_decode(module, info)
+        self._infos[id(module)] = info
         return params
 
-    def _watch_lean_decode(self, body, info):
-        """Decode steps of utils/model/llama_decoder.py read the body's weights without calling its forward:
-        wrap LlamaDecoder.step so that each step on this body opens a `decode` pass like a forward would."""
+    def watch_lean_decode(self, body):
+        """Decode steps of our utils/model/llama_decoder.py read a watched body's weights without calling its
+        forward: wrap LlamaDecoder.step so that each step on this body opens a `decode` pass like a forward."""
         from alpaca_rlhf.deepspeed_chat.training.utils.model import llama_decoder
         cls = llama_decoder.LlamaDecoder
         original = cls.__dict__["step"] if not hasattr(cls.step, "_meter_wrapped") else cls.step._meter_wrapped
         watched = getattr(cls.step, "_meter_bodies", {})
-        watched[id(body)] = info
+        watched[id(body)] = self._infos[id(body)]
         meter = self
 
         def step(decoder, tokens, positions, attend):
@@ -410,6 +411,7 @@ def attach_meter(engine, meter: PassMeter):
     n_actor = meter.watch_body(actor.model, lambda: "reference" if actor_off() else "actor",
                                actor.get_input_embeddings(), actor.config)
     n_actor += meter.watch_head(actor.lm_head)
+    meter.watch_lean_decode(actor.model)
     if engine.ref is not None:
         ref = engine.ref.module
         meter.watch_body(ref.model, lambda: "reference", ref.get_input_embeddings(), ref.config)

@@ -2,7 +2,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import filter_logits, sample
+from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import filter_logits, sample, sample_from_logits
 
 
 def left_padded(tokenizer, texts):
@@ -104,3 +104,13 @@ def test_lean_decoder_only_takes_plain_llama_weights():
     assert LlamaDecoder.for_model(model) is not None
     unfuse_lora(model)
     assert LlamaDecoder.for_model(model.model) is None  # a bare LlamaModel has no LM head
+
+
+def test_inverse_cdf_sampling_matches_the_softmax_and_never_draws_filtered_tokens():
+    torch.manual_seed(0)
+    logits = torch.tensor([[float("-inf"), 1.0, 0.0, float("-inf"), 2.0, -1.0, float("-inf")]]).repeat(40000, 1)
+    draws = sample_from_logits(logits)
+    counts = torch.bincount(draws, minlength=7).double() / draws.numel()
+    expected = torch.softmax(logits[0].double(), -1)
+    assert counts[[0, 3, 6]].sum() == 0  # -inf: probability 0, never drawn (the last one included)
+    assert torch.allclose(counts, expected, atol=0.01), (counts, expected)

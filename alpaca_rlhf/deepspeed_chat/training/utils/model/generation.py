@@ -57,7 +57,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
 
     Returns (sequences (B, P + n) with n <= max_new_tokens, after a row's EOS its positions hold pad_token_id;
     nonfinite: True when the policy produced NaN/inf logits). Rows with non-finite logits continue with a
-    uniform draw instead of crashing multinomial; the caller drops the batch (on every rank alike).
+    uniform draw instead of crashing the sampler; the caller drops the batch (on every rank alike).
     """
     B, P = input_ids.shape
     device = input_ids.device

@@ -1,13 +1,14 @@
 """A lean single-token decode step for LLaMA rollouts.
 
-Why: a rollout is dozens of one-token forwards over a small batch. Through `LlamaForCausalLM.forward` each of them
-rebuilds the 4-D attention mask, concatenates every layer's growing KV cache (a copy of the whole cache per
-token) and dispatches some 60 module calls per layer. This step reads the same weights, keeps keys and values in
-buffers allocated once per rollout, writes the new position in place and runs each layer as its plain tensor
-operations. The prompt itself still goes through the model's own forward (one call), whose cache is copied into
-the buffers. Measured on the `small` benchmark model (16 x 64 sampled tokens, 2 CPU threads): 1.3x faster
-rollouts than the transformers forward, token for token the same samples (tests/test_generation.py). What is
-left is the matmuls themselves: with 16 rows they stream the weights from memory at ~12 GB/s.
+Why: a rollout is dozens of one-token forwards over a small batch. Through `LlamaForCausalLM.forward` each of
+them rebuilds the 4-D attention mask, concatenates every layer's growing KV cache (a copy of the whole cache per
+token) and goes through a dozen module calls with keyword dispatch per layer. This step reads the same weights,
+keeps keys and values in buffers allocated once per rollout, writes the new position in place and runs each
+layer as its plain tensor operations. The prompt itself still goes through the model's own forward (one call),
+whose cache is copied into the buffers. Measured on the `small` benchmark model (16 x 64 sampled tokens, 2 CPU
+threads, same sampler): 1.18x faster rollouts than through the transformers forward, token for token the same
+samples (tests/test_generation.py, bench/decode_speed.py). What is left is the matmuls themselves: with 16 rows
+they stream the weights from memory at ~12 GB/s.
 
 Only plain LLaMA qualifies (`LlamaForCausalLM` with its own attention and MLP, LoRA fused or absent, weights not
 partitioned by ZeRO-3); everything else keeps the transformers path (`LlamaDecoder.for_model` returns None).
@@ -95,10 +96,10 @@ class LlamaDecoder:
         return norm.weight * h.to(x.dtype)
 
     def _attend(self, q, keys, values, blocked, scale):
-        """Softmax attention of one query position, written out: for a single query, the fused CPU kernel of
-        scaled_dot_product_attention costs more than these four small operations. Grouped-query heads share
-        their key/value head through the view, without copying it. q (B, nh, 1, D), keys/values (B, nkv, T, D),
-        blocked (B, 1, 1, T) -> (B, 1, nh * D)."""
+        """Softmax attention of one query position, written out (as fast as the fused CPU kernel for a single
+        query on the benchmark model): grouped-query heads share their key/value head through a view, without
+        the copy repeat_kv makes. q (B, nh, 1, D), keys/values (B, nkv, T, D), blocked (B, 1, 1, T)
+        -> (B, 1, nh * D)."""
         B, nh, _, D = q.shape
         nkv = keys.size(1)
         q = q.view(B, nkv, nh // nkv, D)                                 # query heads grouped by their kv head
