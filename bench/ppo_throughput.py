@@ -648,7 +648,8 @@ def main(argv=None):
     p.add_argument("--output_json", default=None, help="Also write the results (per-iteration records too) here.")
     p.add_argument("--quiet", action="store_true", help="No per-iteration lines and no table (with --output_json).")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="Profile the last iteration with torch.profiler and print the top ROWS operators. Default 0.")
+                   help="Run one more, unmeasured iteration under torch.profiler and print its top ROWS "
+                        "operators. Default 0.")
     p.add_argument("--no_matmul", action="store_true", help="Skip the matmul-rate measurement (and FLOP/s fractions).")
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)  # lock-step worker of compare_trl.py
     p.add_argument("--_res_fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ stage "0/1 base model: tiny LLaMA + SentencePiece tokenizer, built offline"
 [ -f "$DEMO_DIR/base/model.safetensors" ] || \
   "$PY" -m alpaca_rlhf.tools.make_tiny_model --output_dir "$DEMO_DIR/base" --preset "$PRESET"
 
-stage "1/4 step 1: supervised fine-tuning"
+stage "1/4 step 1: supervised fine-tuning on the demonstrations (--data_split 0,8,2: the comparisons go to steps 2 and 3)"
 sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step1_supervised_finetuning/main.py \
   --data_path data/demo/Dahoas/rm-static --sft_only_data_path data/demo/MultiTurnAlpaca \
   --data_output_path "$DEMO_DIR/data" --model_name_or_path "$DEMO_DIR/base" \
