@@ -118,6 +118,7 @@ def test_inverse_cdf_sampling_matches_the_softmax_and_never_draws_filtered_token
 
 def test_lean_decoder_applies_fused_lora_like_the_adapters():
     """With LoRA fused (as during rollouts) the lean step must give what the unfused adapters give."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
     from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import (convert_linear_layer_to_lora, lora_fused,
                                                                        lora_modules)
     model = _gqa_llama()
@@ -128,7 +129,6 @@ def test_lean_decoder_applies_fused_lora_like_the_adapters():
     torch.manual_seed(3)
     unfused, _ = sample(model, ids, torch.ones_like(ids), 10, eos_token_id=5, pad_token_id=0, lean_decode=False)
     with lora_fused(model):
-        from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
         assert LlamaDecoder.for_model(model) is not None  # the lean path is the one under test
         torch.manual_seed(3)
         fused, _ = sample(model, ids, torch.ones_like(ids), 10, eos_token_id=5, pad_token_id=0, lean_decode=True)
