@@ -20,24 +20,18 @@ if REPO_DIR not in sys.path:
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample  # noqa: E402
-
-SHAPES = {  # the reference models
-    "tiny": dict(vocab_size=4000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=4),
-    "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=8),
-}
+from alpaca_rlhf.tools.make_tiny_model import PRESETS  # noqa: E402  (the issue's reference shapes)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(SHAPES), default="small", help="Model shape. Default small.")
+    p.add_argument("--preset", choices=["tiny", "small"], default="small", help="Model shape. Default small.")
     p.add_argument("--rounds", type=int, default=5, help="Interleaved measured rounds. Default 5.")
     p.add_argument("--threads", type=int, default=2, help="torch threads. Default 2 (the reference setting).")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.preset])).eval()
+    model = LlamaForCausalLM(LlamaConfig(**PRESETS[args.preset])).eval()
     prompts = torch.randint(5, model.config.vocab_size, (16, 64))
     mask = torch.ones_like(prompts)
 

@@ -3,8 +3,8 @@
     python -m alpaca_rlhf.tools.demo_report --demo_dir runs/demo
 
 Reads what the stages left in DEMO_DIR (metrics.jsonl of each step, the reward model's reward_stats.json,
-evaluation.json and evaluation_sampled.json from evaluate_demo) and writes DEMO_DIR/report.md and DEMO_DIR/plots/*.png. Stages that are
-missing are left out of the report rather than failing it.
+evaluation.json and evaluation_sampled.json from evaluate_demo) and writes DEMO_DIR/report.md and
+DEMO_DIR/plots/*.png. Stages that are missing are left out of the report rather than failing it.
 """
 import argparse
 import json

@@ -88,13 +88,6 @@ class LlamaDecoder:
             self.values.append(vb)
         self.length = P
 
-    @staticmethod
-    def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """LlamaRMSNorm, operation for operation (so results match the transformers forward)."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h.to(x.dtype)
-
     def _attend(self, q, keys, values, blocked, scale):
         """Softmax attention of one query position, written out (as fast as the fused CPU kernel for a single
         query on the benchmark model): grouped-query heads share their key/value head through a view, without
@@ -120,7 +113,7 @@ class LlamaDecoder:
         blocked = ~attend[:, None, None, :]                              # (B, 1, 1, T): broadcast over heads
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            h = self._rms_norm(layer.input_layernorm, x)
+            h = layer.input_layernorm(x)
             q = F.linear(h, _weight(attn.q_proj), attn.q_proj.bias).view(B, nh, 1, D)    # (B, nh, 1, D)
             k = F.linear(h, _weight(attn.k_proj), attn.k_proj.bias).view(B, nkv, 1, D)
             v = F.linear(h, _weight(attn.v_proj), attn.v_proj.bias).view(B, nkv, 1, D)
@@ -129,10 +122,10 @@ class LlamaDecoder:
             self.values[i][:, :, t:t + 1] = v
             o = self._attend(q, self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1], blocked, attn.scaling)
             x = x + F.linear(o, _weight(attn.o_proj), attn.o_proj.bias)
-            h = self._rms_norm(layer.post_attention_layernorm, x)
+            h = layer.post_attention_layernorm(x)
             gate = F.linear(h, _weight(mlp.gate_proj), mlp.gate_proj.bias)
             up = F.linear(h, _weight(mlp.up_proj), mlp.up_proj.bias)
             x = x + F.linear(mlp.act_fn(gate) * up, _weight(mlp.down_proj), mlp.down_proj.bias)
         self.length = t + 1
-        x = self._rms_norm(model.norm, x)
+        x = model.norm(x)
         return self.model.lm_head(x)[:, -1, :]                           # (B, V)
