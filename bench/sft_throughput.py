@@ -5,8 +5,8 @@
 
 Both sides train the same randomly initialised LlamaForCausalLM (alpaca_rlhf.tools.make_tiny_model) on the
 same fixed-length synthetic batches (BATCH sequences of SEQ_LEN random non-special token ids, fixed seed),
-fp32, on the CPU, in one process with --threads torch threads, with the same optimizer (torch AdamW, the
-non-fused implementation, step 1's lr / betas / weight decay / eps), gradient clipping at 1.0 and a cosine
+fp32, on the CPU, in one process with --threads torch threads, with the same optimizer (torch AdamW, its
+fused implementation, step 1's lr / betas / weight decay / eps), gradient clipping at 1.0 and a cosine
 schedule without warmup; no evaluation, no saving, no logging beyond timing.
 
   ours     our step-1 building blocks in-process: step 1's parse_args, start_run (one-rank world),
@@ -14,7 +14,7 @@ schedule without warmup; no evaluation, no saving, no logging beyond timing.
            init_engine_for_loader (ZeRO stage 0, --optimizer torch_adamw) and train_loop with step 1's loss.
            A step is timed from the call of the loss function (forward) to the metrics-log call that follows
            engine.step() on the gradient-accumulation boundary.
-  trainer  transformers.Trainer with TrainingArguments(optim="adamw_torch", use_cpu=True, ...); a step is
+  trainer  transformers.Trainer with TrainingArguments(optim="adamw_torch_fused", use_cpu=True, ...); a step is
            timed from TrainerCallback.on_step_begin to on_step_end (forward, backward, clipping, optimizer,
            scheduler, zero_grad).
 
@@ -202,7 +202,7 @@ def run_trainer(w) -> dict:
     targs = TrainingArguments(
         output_dir=w.scratch_dir, per_device_train_batch_size=w.batch_size, gradient_accumulation_steps=1,
         max_steps=total, num_train_epochs=1, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, optim="adamw_torch",
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, optim="adamw_torch_fused",
         lr_scheduler_type=LR_SCHEDULE, warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, use_cpu=True,
         report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_drop_last=True, seed=w.seed)

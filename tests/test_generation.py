@@ -1,5 +1,6 @@
 """Rollout sampling (utils/model/generation.py) against transformers' own generate and plain filtering."""
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import filter_logits, sample, sample_from_logits
@@ -85,11 +86,26 @@ def test_lean_decoder_step_logits_equal_a_full_forward():
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits       # (B, 12, V)
         prefix = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], use_cache=True)
-        decoder = LlamaDecoder.for_model(model)
+        decoder = LlamaDecoder.for_model(model, 3)
         decoder.load_prefill(prefix.past_key_values, 4)
         for t in range(8, 12):  # feed the true tokens one at a time
             logits = decoder.step(ids[:, t], pos[:, t:t + 1], mask[:, :t + 1].bool())
             torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_projection_equals_linear_in_either_layout():
+    """fp32 CPU weights go through MKL's packed format where torch has it, others through a transposed copy;
+    both must compute F.linear, bias included, for the row count they were laid out for and for fewer rows."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import _Projection
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        weight, bias = torch.randn(24, 16, dtype=dtype), torch.randn(24, dtype=dtype)
+        for b in (bias, None):
+            projection = _Projection(weight, b, rows=4)
+            assert (projection.packed is None) == (dtype != torch.float32 or not torch.backends.mkl.is_available())
+            for rows in (4, 2):
+                x = torch.randn(rows, 1, 16, dtype=dtype)
+                torch.testing.assert_close(projection(x), F.linear(x, weight, b))
 
 
 def test_lean_decoder_only_takes_plain_llama_weights():
@@ -97,13 +113,13 @@ def test_lean_decoder_only_takes_plain_llama_weights():
     from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import (convert_linear_layer_to_lora, fuse_lora,
                                                                        unfuse_lora)
     model = _gqa_llama()
-    assert LlamaDecoder.for_model(model) is not None
+    assert LlamaDecoder.for_model(model, 2) is not None
     convert_linear_layer_to_lora(model, "q_proj", lora_dim=4)
-    assert LlamaDecoder.for_model(model) is None  # the adapters would be skipped
+    assert LlamaDecoder.for_model(model, 2) is None  # the adapters would be skipped
     fuse_lora(model)
-    assert LlamaDecoder.for_model(model) is not None
+    assert LlamaDecoder.for_model(model, 2) is not None
     unfuse_lora(model)
-    assert LlamaDecoder.for_model(model.model) is None  # a bare LlamaModel has no LM head
+    assert LlamaDecoder.for_model(model.model, 2) is None  # a bare LlamaModel has no LM head
 
 
 def test_inverse_cdf_sampling_matches_the_softmax_and_never_draws_filtered_tokens():
@@ -129,7 +145,7 @@ def test_lean_decoder_applies_fused_lora_like_the_adapters():
     torch.manual_seed(3)
     unfused, _ = sample(model, ids, torch.ones_like(ids), 10, eos_token_id=5, pad_token_id=0, lean_decode=False)
     with lora_fused(model):
-        assert LlamaDecoder.for_model(model) is not None  # the lean path is the one under test
+        assert LlamaDecoder.for_model(model, 2) is not None  # the lean path is the one under test
         torch.manual_seed(3)
         fused, _ = sample(model, ids, torch.ones_like(ids), 10, eos_token_id=5, pad_token_id=0, lean_decode=True)
     assert torch.equal(fused, unfused)

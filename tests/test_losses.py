@@ -116,6 +116,22 @@ def test_gather_log_probs_equals_log_softmax():
     torch.testing.assert_close(gather_log_probs(logits, labels), expected)
 
 
+def test_gather_log_probs_gradient_equals_autograd_of_log_softmax():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (2, 5))
+    weights = torch.randn(2, 5)  # a loss that weighs every position differently
+    grads = []
+    for fn in (gather_log_probs, lambda z, y: torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)):
+        torch.manual_seed(1)
+        logits = torch.randn(2, 6, 11, requires_grad=True)
+        (fn(logits[:, :-1], labels) * weights).sum().backward()  # through a slice, as the trainers call it
+        grads.append(logits.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0][:, -1].abs().sum() == 0  # the sliced-off position gets no gradient
+    assert torch.autograd.gradcheck(gather_log_probs, (torch.randn(2, 3, 5, dtype=torch.float64,
+                                                                   requires_grad=True), labels[:, :3] % 5))
+
+
 def test_sequence_log_probs_sums_response_tokens_with_the_shift():
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 7)

@@ -93,12 +93,15 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- forwards
     def _logprobs(self, model, seq, attention_mask, P):
-        """log pi(answer tokens): only the A + 1 last positions go through the LM head. -> (B, A)"""
-        A = seq.size(1) - P
+        """log pi(answer tokens): only the A positions that predict them go through the LM head. -> (B, A)"""
+        L = seq.size(1)
+        # positions P-1 .. L-2 predict the answer tokens P .. L-1 (an index rather than slicing the logits
+        # afterwards: the slice's backward would zero-fill and copy a gradient of the full logits' size)
         logits = model(input_ids=seq, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), logits_to_keep=A + 1,
-                       use_cache=False).logits                          # (B, A + 1, V): positions P-1 .. L-1
-        return gather_log_probs(logits[:, :-1], seq[:, P:])             # positions P-1 .. L-2 score tokens P .. L-1
+                       position_ids=position_ids_from_mask(attention_mask),
+                       logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
+                       use_cache=False).logits                          # (B, A, V)
+        return gather_log_probs(logits, seq[:, P:])
 
     def _values(self, critic, seq, attention_mask, P):
         values = critic.forward_value(seq, attention_mask, return_value_only=True)  # (B, L)

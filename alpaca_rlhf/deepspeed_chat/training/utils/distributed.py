@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_memory import keep_freed_host_memory
+
 
 @dataclass
 class DistInfo:
@@ -60,6 +62,7 @@ def init_distributed(local_rank: int = -1) -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(local_world, 1))
         torch.set_num_threads(threads)
+        keep_freed_host_memory()  # no page faults on re-allocated activations every step
     else:
         accelerator.set_device(local_rank)
     if not torch.distributed.is_initialized():

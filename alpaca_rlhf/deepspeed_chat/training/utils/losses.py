@@ -6,12 +6,37 @@ import torch
 import torch.nn.functional as F
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _GatherLogProbs(torch.autograd.Function):
+    """log softmax(logits)[labels] with a hand-written backward. Autograd's version of the two-line formula
+    (gather, logsumexp) allocates and zero-fills a (B, T, V) gradient for the gather, another for the
+    logsumexp, and adds them: about seven passes over the largest tensor of a training step. This backward
+    makes three: softmax, scale by -grad, add grad at the labels (d/dz_j [z_y - lse(z)] = [j = y] - p_j)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = logits.to(_at_least_fp32(logits.dtype))
+        out = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B, T)
+        ctx.save_for_backward(logits, labels)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        dtype = _at_least_fp32(logits.dtype)
+        g = grad.to(dtype).unsqueeze(-1)                                 # (B, T, 1)
+        dz = torch.softmax(logits.to(dtype), dim=-1)                     # (B, T, V), a new tensor
+        dz.mul_(-g).scatter_add_(-1, labels.unsqueeze(-1), g)
+        return dz.to(logits.dtype), None
+
+
 def gather_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels] without materialising the full (B, T, V) log-softmax:
+    """log softmax(logits)[labels] in float32 without materialising the full (B, T, V) log-softmax:
     logit of the label minus logsumexp over the vocabulary. logits (B, T, V), labels (B, T) -> (B, T)."""
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _GatherLogProbs.apply(logits, labels)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -37,6 +37,40 @@ def _weight(linear: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
+def _projections(layer: nn.Module):
+    """(name, module) of a decoder layer's seven linear maps."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
+            ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)]
+
+
+class _Projection:
+    """y = x W^T + b for the few rows of a decode step, with W laid out once per rollout for that case.
+    F.linear on a (16, in) input runs at a third of the matmul rate on this CPU (fp32, measured with W in
+    cache: 109 vs 282 GFLOP/s for x @ (W^T contiguous)); with the weights streamed from memory, as in a real
+    step, MKL's packed format (what torch.compile uses for frozen CPU weights) reads them 20% faster still
+    (12.5 vs 10.4 GB/s). Packing is an internal torch op: fp32 CPU weights only, else the transposed copy."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+        self.weight, self.bias, self.rows = weight, bias, rows
+        self.packed = self.transposed = None
+        pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
+        if (pack is not None and torch.backends.mkl.is_available() and weight.device.type == "cpu"
+                and weight.dtype == torch.float32):
+            try:
+                self.packed = pack(weight, rows)
+            except RuntimeError:
+                self.packed = None
+        if self.packed is None:
+            self.transposed = weight.t().contiguous()                   # (in, out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        y = x @ self.transposed
+        return y if self.bias is None else y + self.bias
+
+
 def _partitioned(model: nn.Module) -> bool:
     """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -46,7 +80,8 @@ class LlamaDecoder:
     """KV buffers (B, H_kv, P + N, D) per layer for one rollout, and `step` for the next token's logits."""
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> Optional["LlamaDecoder"]:
+    def for_model(cls, model: nn.Module, rows: int) -> Optional["LlamaDecoder"]:
+        """A decoder for `rows` sequences, or None when the model does not qualify."""
         if LlamaForCausalLM is None or not isinstance(model, LlamaForCausalLM) or _partitioned(model):
             return None
         if getattr(model.config, "pretraining_tp", 1) != 1:
@@ -55,17 +90,21 @@ class LlamaDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
                 return None
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            if any(_weight(m) is None for m in linears):
+            if any(_weight(m) is None for _, m in _projections(layer)) or _weight(model.lm_head) is None:
                 return None
-        return cls(model)
+        return cls(model, rows)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rows: int):
         self.model = model
+        self.rows = rows
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # every projection laid out for `rows`-row inputs once per rollout (the weights change between rollouts)
+        self.projections = [{name: _Projection(_weight(module), module.bias, rows)
+                             for name, module in _projections(layer)} for layer in model.model.layers]
+        self.lm_head = _Projection(_weight(model.lm_head), model.lm_head.bias, rows)
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.length = 0  # positions filled in the buffers
@@ -112,20 +151,19 @@ class LlamaDecoder:
         cos, sin = model.rotary_emb(x, positions)                        # (B, 1, D) each
         blocked = ~attend[:, None, None, :]                              # (B, 1, 1, T): broadcast over heads
         for i, layer in enumerate(model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            w, attn = self.projections[i], layer.self_attn
             h = layer.input_layernorm(x)
-            q = F.linear(h, _weight(attn.q_proj), attn.q_proj.bias).view(B, nh, 1, D)    # (B, nh, 1, D)
-            k = F.linear(h, _weight(attn.k_proj), attn.k_proj.bias).view(B, nkv, 1, D)
-            v = F.linear(h, _weight(attn.v_proj), attn.v_proj.bias).view(B, nkv, 1, D)
+            q = w["q"](h).view(B, nh, 1, D)                              # (B, nh, 1, D)
+            k = w["k"](h).view(B, nkv, 1, D)
+            v = w["v"](h).view(B, nkv, 1, D)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i][:, :, t:t + 1] = k                              # write position t in place
             self.values[i][:, :, t:t + 1] = v
             o = self._attend(q, self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1], blocked, attn.scaling)
-            x = x + F.linear(o, _weight(attn.o_proj), attn.o_proj.bias)
+            x = x + w["o"](o)
             h = layer.post_attention_layernorm(x)
-            gate = F.linear(h, _weight(mlp.gate_proj), mlp.gate_proj.bias)
-            up = F.linear(h, _weight(mlp.up_proj), mlp.up_proj.bias)
-            x = x + F.linear(mlp.act_fn(gate) * up, _weight(mlp.down_proj), mlp.down_proj.bias)
+            gate, up = w["gate"](h), w["up"](h)
+            x = x + w["down"](layer.mlp.act_fn(gate) * up)
         self.length = t + 1
         x = model.norm(x)
-        return self.model.lm_head(x)[:, -1, :]                           # (B, V)
+        return self.lm_head(x[:, -1, :])                                 # (B, V)
