@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..errors import UserError
 from ..module.lora import merge_lora_state_dict
 from ..utils import is_rank_0, move_dir_contents, write_json
+from .lean_modules import use_lean_modules
 
 LLAMA_PAD_ID = 0  # LLaMA has no pad token; the forks pad with id 0 (unk), which attention masks hide
 
@@ -71,6 +72,7 @@ def create_hf_model(model_class, model_name_or_path: str, tokenizer=None, ds_con
     del dschf
     if tokenizer is not None:
         resize_embeddings_for(model, tokenizer)
+    use_lean_modules(model)  # same numbers, fewer activations kept for the backward
     return model
 
 

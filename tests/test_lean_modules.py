@@ -1,0 +1,83 @@
+"""The lean RMSNorm / SwiGLU functions (utils/model/lean_modules.py) against the transformers modules."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from alpaca_rlhf.deepspeed_chat.training.utils.model.lean_modules import use_lean_modules
+
+
+def _outputs_and_grads(module, x):
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    torch.manual_seed(7)
+    (out.float() * torch.randn(out.shape)).sum().backward()  # a loss that weighs every output differently
+    return out, x.grad, [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_mlp_equal_the_transformers_modules(dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu")
+    for module in (LlamaRMSNorm(32, eps=1e-5), LlamaMLP(config)):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+        module = module.to(dtype)
+        lean = copy.deepcopy(module)
+        assert use_lean_modules(lean) == 1
+        x = torch.randn(3, 5, 32, dtype=dtype)
+        tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        for got, want in zip(_outputs_and_grads(lean, x), _outputs_and_grads(module, x)):
+            for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+                assert g.dtype == w.dtype
+                torch.testing.assert_close(g, w, **tol)
+
+
+def test_lean_model_trains_like_the_original_and_saves_fewer_activations():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    lean = copy.deepcopy(model)
+    assert use_lean_modules(lean) == 2 * 2 + 1 + 2  # two norms per layer, the final norm, one MLP per layer
+    ids = torch.randint(0, 100, (2, 9))
+    saved = {}
+    for name, m in (("hf", model), ("lean", lean)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        saved[name] = (loss, sum(sizes))
+    torch.testing.assert_close(saved["lean"][0], saved["hf"][0])
+    for p, q in zip(model.parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+    assert saved["lean"][1] < saved["hf"][1]
+
+
+def test_lean_mlp_with_bias_frozen_or_lora_down_projection():
+    """The down projection's weight gradient is computed by the lean MLP itself: bias, a frozen weight and a
+    LoRA-wrapped projection (which keeps its own module call) must all still match."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import convert_linear_layer_to_lora
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=4, hidden_act="silu", mlp_bias=True)
+    for variant in ("bias", "frozen", "lora"):
+        mlp = LlamaMLP(config)
+        if variant == "frozen":
+            mlp.down_proj.weight.requires_grad_(False)
+        if variant == "lora":
+            convert_linear_layer_to_lora(mlp, "down_proj", lora_dim=4)
+            torch.nn.init.normal_(mlp.down_proj.lora_B, std=0.3)
+        lean = copy.deepcopy(mlp)
+        use_lean_modules(lean)
+        x = torch.randn(2, 3, 16)
+        for got, want in zip(_outputs_and_grads(lean, x), _outputs_and_grads(mlp, x)):
+            for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+                assert (g is None) == (w is None), variant
+                if g is not None:
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
