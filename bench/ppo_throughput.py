@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -192,7 +193,7 @@ class PassMeter:
                 "width": config.num_attention_heads * getattr(config, "head_dim",
                                                               config.hidden_size // config.num_attention_heads)}
         self.handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs: self._body_start(info, args, kwargs), with_kwargs=True))
+            lambda m, args, kwargs: self._body_start(info, args, kwargs, m), with_kwargs=True))
         self.handles.append(module.register_forward_hook(
             lambda m, args, kwargs, out: self._body_end(), with_kwargs=True))
         self._infos[id(module)] = info
@@ -242,7 +243,7 @@ class PassMeter:
         self.records, self._open = [], None
 
     # hooks
-    def _body_start(self, info, args, kwargs):
+    def _body_start(self, info, args, kwargs, module=None):
         import torch
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:  # inputs_embeds
@@ -251,18 +252,20 @@ class PassMeter:
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         keys = kwargs.get("_keys", past_len + T)  # positions attended to (left padding: computed, then masked)
+        replayed = module is not None and _is_replaying(module)
         if torch.is_grad_enabled():
-            kind = "train"
+            kind = "train-replayed" if replayed else "train"
         elif kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None:
             kind = "prefill" if T > 1 else "decode"
         else:
             kind = "score"
         matmul = 2.0 * info["params"] * B * T
         attention = 4.0 * info["layers"] * info["width"] * B * T * keys
+        # a replayed forward (forward_replay.py) takes its matmuls' results from the rollout: attention only
         rec = {"label": f"{info['name_fn']()}/{kind}", "calls": 1, "tokens": B * T,
-               "seconds": 0.0, "flops": matmul + attention, "backward_flops": 0.0,
-               "_t0": time.perf_counter(), "_t1": None}
-        if kind == "train":
+               "seconds": 0.0, "flops": (0.0 if replayed else matmul) + attention, "backward_flops": 0.0,
+               "_t0": time.perf_counter(), "_t1": None, "replayed": replayed}
+        if torch.is_grad_enabled():
             rec["backward_flops"] = (1.0 + info["frac"]) * matmul + 2.0 * attention
         self.records.append(rec)
         self._open = rec
@@ -279,7 +282,7 @@ class PassMeter:
         x = args[0]
         tokens = x.numel() // x.shape[-1]
         matmul = 2.0 * info["params"] * tokens
-        rec["flops"] += matmul
+        rec["flops"] += 0.0 if rec["replayed"] else matmul
         if torch.is_grad_enabled():
             rec["backward_flops"] += (1.0 + info["frac"]) * matmul
 
@@ -301,6 +304,15 @@ class PassMeter:
             agg["flops"] += r["flops"]
             agg["backward_flops"] += r["backward_flops"]
         return out
+
+
+def _is_replaying(module) -> bool:
+    """Whether our trainer is replaying this model's forward from the rollout (False for TRL's models)."""
+    try:
+        from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import is_replaying
+    except ImportError:
+        return False
+    return is_replaying(module)
 
 
 class _Restore:
@@ -345,7 +357,8 @@ FORMULA_TEXT = ("textbook (the classic iteration, whatever the trainer skips): g
 COUNTED_TEXT = ("counted: forward hooks on every decoder body and head; per call 2*N_body*tokens + "
                 "2*N_head*(positions the head is applied to) + attention 4*layers*width*q*k per sequence; "
                 "a training call adds backward (1+f)*matmul + 2*attention, f = trainable fraction of the "
-                "hooked weights (1 full fine-tuning, ~0 with a frozen base + LoRA)")
+                "hooked weights (1 full fine-tuning, ~0 with a frozen base + LoRA); a train-replayed call "
+                "(the actor's forward replayed from the rollout) counts attention only in its forward")
 
 
 class Gate:
@@ -371,7 +384,7 @@ def summarize(values):
 
 
 # ------------------------------------------------------------------------------------------------ our run
-def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int):
+def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int, extra=()):
     argv = [
         "--actor_model_name_or_path", actor_dir, "--critic_model_name_or_path", critic_dir,
         "--output_dir", output_dir, "--seed", str(seed),
@@ -388,7 +401,7 @@ def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int):
         argv += ["--actor_lora_dim", str(LORA_RANK), "--actor_lora_module_name", LORA_MODULES,
                  "--critic_lora_dim", str(LORA_RANK), "--critic_lora_module_name", LORA_MODULES,
                  "--only_optimize_lora"]
-    return argv
+    return argv + list(extra)
 
 
 def _lora_switch(module):
@@ -439,7 +452,7 @@ def attach_meter(engine, meter: PassMeter):
 
 
 def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
-             verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0):
+             verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0, trainer_args=()):
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -454,7 +467,7 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
 
     output_dir = tempfile.mkdtemp(prefix="ppo-bench-")
     try:
-        args = step3_args.parse_args(ours_argv(actor_dir, critic_dir, lora, output_dir, seed))
+        args = step3_args.parse_args(ours_argv(actor_dir, critic_dir, lora, output_dir, seed, trainer_args))
         t_init = time.perf_counter()
         dist = start_run(args)  # one-rank world (gloo); may JIT-build DeepSpeed's shm_comm op the first time
         init_s = time.perf_counter() - t_init
@@ -557,7 +570,8 @@ def build_report(framework: str, setting: dict, run: dict, matmul=None, formula=
         phase = OrderedDict([("generation", 0.0), ("scoring", 0.0), ("training", 0.0)])
         for label, p in passes.items():
             kind = label.rsplit("/", 1)[-1]
-            key = {"prefill": "generation", "decode": "generation", "score": "scoring", "train": "training"}.get(kind)
+            key = {"prefill": "generation", "decode": "generation", "score": "scoring", "train": "training",
+                   "train-replayed": "training"}.get(kind)
             if key:
                 phase[key] += p["flops"] + p["backward_flops"]
         report["flops"] = {"counted_per_iteration": counted, "counted_by_phase": phase, "counted_method": COUNTED_TEXT,
@@ -651,6 +665,10 @@ def main(argv=None):
                    help="Run one more, unmeasured iteration under torch.profiler and print its top ROWS "
                         "operators. Default 0.")
     p.add_argument("--no_matmul", action="store_true", help="Skip the matmul-rate measurement (and FLOP/s fractions).")
+    p.add_argument("--trainer_args", default="", metavar="'FLAGS'",
+                   help="More step-3 flags for our trainer, appended to the reference setting's, e.g. "
+                        "--trainer_args='--recompute_actor_forward' "
+                        "(bench/ab_flags.py compares two such runs interleaved).")
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)  # lock-step worker of compare_trl.py
     p.add_argument("--_res_fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_export_reward", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -666,10 +684,12 @@ def main(argv=None):
     actor_dir, critic_dir = prepare_models(args.preset, args.model, args.critic_model)
     setting = {"preset": args.preset, "lora": args.lora, "model": actor_dir, "critic_model": critic_dir,
                "prompts": PROMPTS_PER_ITERATION, "prompt_len": PROMPT_LEN, "answer_len": ANSWER_LEN,
-               "threads": args.threads, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed}
+               "threads": args.threads, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed,
+               "trainer_args": args.trainer_args}
     gate = Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_ours(actor_dir, critic_dir, args.lora, args.iterations, args.warmup, args.seed, args.threads,
-                   verbose=not args.quiet, gate=gate, profile_rows=args.profile)
+                   verbose=not args.quiet, gate=gate, profile_rows=args.profile,
+                   trainer_args=shlex.split(args.trainer_args))
     # after the run: its buffers do not count in the peak memory above
     matmul = None if args.no_matmul else matmul_gflops()
     formula = formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora)

@@ -12,11 +12,15 @@ With one PPO epoch and one mini-batch per iteration (and no dropout), pi_old and
 first training forward computes, since no optimizer step happens between generation and that forward. Then the
 actor and critic experience passes are skipped and steps 4-6 run inside the update on the detached outputs of
 the training forwards (two of the iteration's ~eleven forward-equivalents saved; --separate_experience_passes
-turns this off, and a test checks that both give the same update).
+turns this off, and a test checks that both give the same update). For the same reason the actor's training
+forward is the rollout's own forward over the same positions: generation records its linear maps' outputs and
+the update replays them instead of recomputing them (utils/model/forward_replay.py; --recompute_actor_forward
+turns this off).
 
 Notation: P = prompt length (fixed, prompts are left-padded to it), A = answer length, L = P + A.
 Answer token i sits at sequence position P + i; it is predicted by the logits at position P + i - 1, and
-the critic's value for that action is its output at position P + i - 1 as well.
+the critic's value for that action is its output at position P + i - 1 as well. So the actor, reference and
+critic passes read positions 0 .. L - 2 only (the last token is an action, never an input that matters).
 """
 import contextlib
 import time
@@ -28,6 +32,7 @@ import torch.distributed as dist
 
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import (gather_log_probs, masked_mean,
                                                               position_ids_from_mask)
+from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording, replaying
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
@@ -48,6 +53,8 @@ class Rollout:
     raw_score: torch.Tensor       # (B,) the reward model's score as it came
     ended: torch.Tensor           # (B,) bool, the answer emitted an EOS
     prompt_length: int
+    # the actor's linear maps during generation, replayed by the first training forward (or None)
+    recording: Optional[ForwardRecording] = None
     # steps 4-6: filled by make_experience, or by the first training forward when that is reused
     logprobs: Optional[torch.Tensor] = None    # (B, A) log pi_old(answer token)
     values: Optional[torch.Tensor] = None      # (B, A) V_old, zero after the EOS
@@ -56,7 +63,8 @@ class Rollout:
     returns: Optional[torch.Tensor] = None     # (B, A)
 
     def select(self, index: torch.Tensor) -> "Rollout":
-        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The rows `index` (a mini-batch); a recording covers the whole batch and stays behind."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recording"}
         return Rollout(**{k: (v[index] if torch.is_tensor(v) else v) for k, v in picked.items()})
 
     def fill(self, **tensors):
@@ -90,27 +98,34 @@ class PPOTrainer:
         self.nonfinite_skipped = 0
         self.device = self.actor.device
         self.reuse_first_forward = reuses_first_forward(args)
+        # replay needs the lean decode step on unpartitioned weights (the generate path that fuses LoRA)
+        self.replay_actor_forward = (self.reuse_first_forward and not args.recompute_actor_forward
+                                     and not args.enable_hybrid_engine and engine.actor_spec.zero_stage < 3)
+        self._recording_buffers = None
 
     # ------------------------------------------------------------------------------------------- forwards
     def _logprobs(self, model, seq, attention_mask, P):
         """log pi(answer tokens): only the A positions that predict them go through the LM head. -> (B, A)"""
         L = seq.size(1)
-        # positions P-1 .. L-2 predict the answer tokens P .. L-1 (an index rather than slicing the logits
-        # afterwards: the slice's backward would zero-fill and copy a gradient of the full logits' size)
-        logits = model(input_ids=seq, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask),
+        # positions P-1 .. L-2 predict the answer tokens P .. L-1; position L-1 predicts nothing and is left out
+        # (an index rather than slicing the logits afterwards: the slice's backward would zero-fill and copy a
+        # gradient of the full logits' size)
+        logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
+                       position_ids=position_ids_from_mask(attention_mask)[:, :-1],
                        logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
                        use_cache=False).logits                          # (B, A, V)
         return gather_log_probs(logits, seq[:, P:])
 
     def _values(self, critic, seq, attention_mask, P):
-        values = critic.forward_value(seq, attention_mask, return_value_only=True)  # (B, L)
-        return values[:, P - 1:-1].float()                              # (B, A), the value before each action
+        values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True)  # (B, L-1)
+        return values[:, P - 1:].float()                                # (B, A), the value before each action
 
     # ------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, do_sample: bool = True):
-        """Step 1. Returns (sequences (B, L), non-finite-logits flag)."""
+    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, do_sample: bool = True,
+                 record: bool = False):
+        """Step 1. Returns (sequences (B, L), non-finite-logits flag, recording): with `record`, the actor's
+        linear maps at every position fed, for the update to replay (None where the model does not qualify)."""
         a = self.args
         module = self.actor.module
         self.actor.eval()
@@ -119,15 +134,22 @@ class PPOTrainer:
                                       do_sample=do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                                       begin_suppress_tokens=[self.eos], eos_token_id=self.eos,
                                       pad_token_id=self.pad, synced_gpus=self.engine.actor_spec.zero_stage == 3)
-            return seq, False
+            return seq, False, None
         # Fusing LoRA makes rollouts run at plain-model speed (what DeepSpeed's hybrid engine does on GPUs).
         # Under ZeRO-3 the fused weights would have to be gathered and re-partitioned: generate unfused.
         fuse = has_lora(module) and self.engine.actor_spec.zero_stage < 3
         with (lora_fused(module) if fuse else contextlib.nullcontext()):
+            # (the model as it generates: a recording needs the lean decode step, which needs LoRA fused)
+            # (the last rollout's buffers are written again: its update, and so its graph, is over by now)
+            recording = (ForwardRecording.for_model(module, prompts.size(0), prompts.size(1), a.max_answer_seq_len,
+                                                    reuse=self._recording_buffers) if record else None)
+            if recording is not None:
+                self._recording_buffers = recording.buffers
             seq, nonfinite = sample(module, prompts, prompt_mask, a.max_answer_seq_len, self.stop, self.pad,
                                     do_sample=do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                    suppress_eos_first=self.stop >= 0, synced=self.engine.actor_spec.zero_stage == 3)
-        return seq, nonfinite
+                                    suppress_eos_first=self.stop >= 0, synced=self.engine.actor_spec.zero_stage == 3,
+                                    recording=recording)
+        return seq, nonfinite, (recording if recording is not None and recording.complete else None)
 
     def cut_at_eos(self, seq: torch.Tensor, prompt_mask: torch.Tensor):
         """Step 2. Tokens after the first EOS become padding. Returns (seq, attention mask (B, L),
@@ -149,7 +171,8 @@ class PPOTrainer:
         logits on some rank."""
         P = prompt_mask.size(1)
         t0 = time.time()
-        seq, nonfinite = self.generate(prompts, prompt_mask)                                  # 1. generate
+        seq, nonfinite, recording = self.generate(prompts, prompt_mask,                       # 1. generate
+                                                  record=self.replay_actor_forward)
         t_gen = time.time() - t0
         if any_rank(nonfinite, self.device):
             self.nonfinite_skipped += 1
@@ -162,7 +185,7 @@ class PPOTrainer:
         score = self.normalize_score(raw_score, ended)
         with self.engine.reference_context():
             ref_logprobs = self._logprobs(self.engine.reference_model, seq, attention_mask, P)
-        rollout = Rollout(seq, attention_mask, action_mask, ref_logprobs, score, raw_score, ended, P)
+        rollout = Rollout(seq, attention_mask, action_mask, ref_logprobs, score, raw_score, ended, P, recording)
         if not self.reuse_first_forward:  # pi_old and V_old now; otherwise the update's first forward gives them
             self.critic.eval()
             logprobs = self._logprobs(self.actor.module, seq, attention_mask, P)
@@ -196,7 +219,9 @@ class PPOTrainer:
         mask = mb.action_mask
         self.actor.train()
         self.critic.train()
-        logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
+        recording, mb.recording = mb.recording, None  # used once: afterwards its buffers belong to the graph
+        with (replaying(self.actor.module, recording) if recording is not None else contextlib.nullcontext()):
+            logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
         values = None
         if mb.logprobs is None:  # reused first forward: pi_old = this policy, V_old = this critic (detached)
             values = self._values(self.critic, mb.seq, mb.attention_mask, P)
@@ -286,7 +311,7 @@ class PPOTrainer:
             if max_batches and i >= max_batches:
                 break
             prompts, prompt_mask = batch["prompt"].to(self.device), batch["prompt_att_mask"].to(self.device)
-            seq, _ = self.generate(prompts, prompt_mask, do_sample=False)
+            seq, _, _ = self.generate(prompts, prompt_mask, do_sample=False)
             seq, attention_mask, action_mask, ended = self.cut_at_eos(seq, prompt_mask)
             P = prompt_mask.size(1)
             raw = self.engine.reward_scores(seq, attention_mask, P)

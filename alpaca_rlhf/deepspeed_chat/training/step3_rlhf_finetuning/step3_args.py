@@ -57,6 +57,10 @@ def parse_args(argv=None):
                    help="Always run the actor and critic experience passes, even with one epoch and one mini-batch "
                         "per iteration, where the first training forward gives the same pi_old and V_old "
                         "(reused by default).")
+    b.add_argument("--recompute_actor_forward", action="store_true",
+                   help="Run the actor's first training forward in full. By default, when that forward is reused "
+                        "as above, it replays the outputs of the actor's linear maps recorded during generation "
+                        "(same weights, same positions) instead of recomputing them.")
     b.add_argument("--max_prompt_seq_len", type=int, default=256, help="Prompt tokens (left-padded to this). Default 256.")
     b.add_argument("--max_answer_seq_len", type=int, default=256, help="Generated tokens at most. Default 256.")
 

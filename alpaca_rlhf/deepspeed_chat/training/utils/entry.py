@@ -35,3 +35,14 @@ def run_cli(main: Callable[[], None]):
         if rank == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    end_world()
+
+
+def end_world():
+    """Leave the process group together before the interpreter exits. Left to interpreter teardown, a rank
+    whose peer already exited occasionally died in gloo's threads ("terminate called without an active
+    exception", exit 250 from the launcher) after a run that had finished and saved everything."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

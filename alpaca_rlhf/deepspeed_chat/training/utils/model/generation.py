@@ -1,5 +1,7 @@
 """Sampling with the KV cache for rollouts: left-padded prompts, top-k / top-p / temperature, EOS banned as
 the first token, finished rows padded, and non-finite logits reported instead of crashing in multinomial."""
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -48,12 +50,15 @@ def _all_ranks_done(done: bool, device, synced: bool) -> bool:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           suppress_eos_first: bool = True, synced: bool = False, lean_decode: bool = True):
+           suppress_eos_first: bool = True, synced: bool = False, lean_decode: bool = True, recording=None):
     """Generate up to max_new_tokens after left-padded prompts (B, P).
 
     The prompt goes through the model's forward once; with lean_decode, the tokens after it go through
     `LlamaDecoder` (in-place KV buffers, no per-token mask rebuild) where the model qualifies, otherwise through
     the model's forward with its cache.
+
+    recording: a forward_replay.ForwardRecording to fill with every linear map's output at every position fed
+    (the prompt and all sampled tokens but the last); marked complete when the lean decoder ran every step.
 
     Returns (sequences (B, P + n) with n <= max_new_tokens, after a row's EOS its positions hold pad_token_id;
     nonfinite: True when the policy produced NaN/inf logits). Rows with non-finite logits continue with a
@@ -66,12 +71,14 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     attend[:, :P] = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)          # left padding: real tokens count from 0
     # only the last prompt position's logits are needed: the LM head over the whole prompt would be wasted work
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    with (recording.prefill() if recording is not None else contextlib.nullcontext()):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     decoder = LlamaDecoder.for_model(model, B) if lean_decode else None
     if decoder is not None:
         decoder.load_prefill(cache, max_new_tokens)
+        decoder.recording = recording
         cache = None
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -103,4 +110,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
                         past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = next_pos + 1
+    if recording is not None:
+        recording.complete = decoder is not None
+        recording.trim(P + len(generated) - 1)
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1), nonfinite

@@ -64,18 +64,21 @@ class _SwiGLU(torch.autograd.Function):
 
 class _SwiGLUDown(torch.autograd.Function):
     """down(silu(gate) * up) for a plain linear `down`: saves gate and up only. The product, which autograd
-    would keep as the linear's input for its weight gradient, is recomputed in the backward."""
+    would keep as the linear's input for its weight gradient, is recomputed in the backward. `output`, when
+    given, is that projection's result computed before (the rollout's own forward) and is returned as it is."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias):
+    def forward(ctx, gate, up, weight, bias, output=None):
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
+        if output is not None:  # the projection's result is already known (forward_replay.py): no matmul
+            return output
         return F.linear(F.silu(gate) * up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
-        need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad
+        need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         silu = F.silu(gate)
         d_gate = d_up = d_weight = d_bias = None
         if need_weight:                                                     # (out, in) = grad^T @ product
@@ -86,7 +89,7 @@ class _SwiGLUDown(torch.autograd.Function):
             d_product = grad @ weight                                       # (..., intermediate)
             d_gate = torch.ops.aten.silu_backward(d_product * up, gate) if need_gate else None
             d_up = silu.mul_(d_product) if need_up else None
-        return d_gate, d_up, d_weight, d_bias
+        return d_gate, d_up, d_weight, d_bias, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

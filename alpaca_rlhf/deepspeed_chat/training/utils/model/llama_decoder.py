@@ -44,6 +44,25 @@ def _projections(layer: nn.Module):
             ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)]
 
 
+# The decode step's four matmuls per layer: q, k, v as one and gate, up as one (each concatenated along the
+# output dimension), so a step makes four small-input calls per layer instead of seven.
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
+
+
+def group_slices(layer: nn.Module):
+    """{projection name: (group, first column, last column + 1)}: where each linear map's output sits in its
+    group's output."""
+    modules = dict(_projections(layer))
+    where = {}
+    for group, names in GROUPS.items():
+        start = 0
+        for name in names:
+            width = modules[name].out_features
+            where[name] = (group, start, start + width)
+            start += width
+    return where
+
+
 class _Projection:
     """y = x W^T + b for the few rows of a decode step, with W laid out once per rollout for that case.
     F.linear on a (16, in) input runs at a third of the matmul rate on this CPU (fp32, measured with W in
@@ -71,6 +90,17 @@ class _Projection:
         return y if self.bias is None else y + self.bias
 
 
+def _group_projection(modules, rows: int) -> _Projection:
+    """One _Projection for linear maps that read the same input: their weights (and biases) stacked."""
+    weights = [_weight(m) for m in modules]
+    if len(modules) == 1:
+        return _Projection(weights[0], modules[0].bias, rows)
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias if m.bias is not None else w.new_zeros(w.size(0)) for m, w in zip(modules, weights)])
+    return _Projection(torch.cat(weights), bias, rows)
+
+
 def _partitioned(model: nn.Module) -> bool:
     """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -79,20 +109,25 @@ def _partitioned(model: nn.Module) -> bool:
 class LlamaDecoder:
     """KV buffers (B, H_kv, P + N, D) per layer for one rollout, and `step` for the next token's logits."""
 
-    @classmethod
-    def for_model(cls, model: nn.Module, rows: int) -> Optional["LlamaDecoder"]:
-        """A decoder for `rows` sequences, or None when the model does not qualify."""
+    @staticmethod
+    def qualifies(model: nn.Module) -> bool:
+        """Whether the lean step can run `model` as it is now (plain LLaMA, LoRA fused or absent, not ZeRO-3)."""
         if LlamaForCausalLM is None or not isinstance(model, LlamaForCausalLM) or _partitioned(model):
-            return None
+            return False
         if getattr(model.config, "pretraining_tp", 1) != 1:
-            return None
+            return False
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
-                return None
+                return False
             if any(_weight(m) is None for _, m in _projections(layer)) or _weight(model.lm_head) is None:
-                return None
-        return cls(model, rows)
+                return False
+        return True
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int) -> Optional["LlamaDecoder"]:
+        """A decoder for `rows` sequences, or None when the model does not qualify."""
+        return cls(model, rows) if cls.qualifies(model) else None
 
     def __init__(self, model: nn.Module, rows: int):
         self.model = model
@@ -101,13 +136,15 @@ class LlamaDecoder:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # every projection laid out for `rows`-row inputs once per rollout (the weights change between rollouts)
-        self.projections = [{name: _Projection(_weight(module), module.bias, rows)
-                             for name, module in _projections(layer)} for layer in model.model.layers]
+        # every projection group laid out for `rows`-row inputs once per rollout (the weights change between
+        # rollouts)
+        self.projections = [{group: _group_projection([dict(_projections(layer))[n] for n in names], rows)
+                             for group, names in GROUPS.items()} for layer in model.model.layers]
         self.lm_head = _Projection(_weight(model.lm_head), model.lm_head.bias, rows)
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.length = 0  # positions filled in the buffers
+        self.recording = None  # a forward_replay.ForwardRecording that keeps every projection's output
 
     def load_prefill(self, cache, max_new_tokens: int) -> None:
         """Copy the prompt's cache (transformers' DynamicCache after the prompt forward) into buffers with room
@@ -150,20 +187,30 @@ class LlamaDecoder:
         x = model.embed_tokens(tokens.unsqueeze(1))                      # (B, 1, H)
         cos, sin = model.rotary_emb(x, positions)                        # (B, 1, D) each
         blocked = ~attend[:, None, None, :]                              # (B, 1, 1, T): broadcast over heads
+        rec = self.recording
         for i, layer in enumerate(model.layers):
             w, attn = self.projections[i], layer.self_attn
             h = layer.input_layernorm(x)
-            q = w["q"](h).view(B, nh, 1, D)                              # (B, nh, 1, D)
-            k = w["k"](h).view(B, nkv, 1, D)
-            v = w["v"](h).view(B, nkv, 1, D)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            qkv = w["qkv"](h)                                            # (B, 1, (nh + 2 nkv) D)
+            q, k, v = qkv.split([nh * D, nkv * D, nkv * D], dim=-1)
+            q, k = apply_rotary_pos_emb(q.view(B, nh, 1, D), k.view(B, nkv, 1, D), cos, sin)
             self.keys[i][:, :, t:t + 1] = k                              # write position t in place
-            self.values[i][:, :, t:t + 1] = v
-            o = self._attend(q, self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1], blocked, attn.scaling)
-            x = x + w["o"](o)
+            self.values[i][:, :, t:t + 1] = v.view(B, nkv, 1, D)
+            o = w["o"](self._attend(q, self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1], blocked,
+                                    attn.scaling))
+            x = x + o
             h = layer.post_attention_layernorm(x)
-            gate, up = w["gate"](h), w["up"](h)
-            x = x + w["down"](layer.mlp.act_fn(gate) * up)
+            gateup = w["gateup"](h)                                      # (B, 1, 2 I)
+            gate, up = gateup.chunk(2, dim=-1)
+            down = w["down"](layer.mlp.act_fn(gate) * up)
+            if rec is not None:
+                rec.put(i, "qkv", t, qkv), rec.put(i, "o", t, o), rec.put(i, "gateup", t, gateup)
+                rec.put(i, "down", t, down)
+            x = x + down
         self.length = t + 1
         x = model.norm(x)
-        return self.lm_head(x[:, -1, :])                                 # (B, V)
+        logits = self.lm_head(x[:, -1, :])                               # (B, V)
+        if rec is not None:
+            rec.put_logits(t, logits)
+            rec.positions = t + 1
+        return logits

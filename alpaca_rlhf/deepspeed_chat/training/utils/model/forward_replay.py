@@ -1,0 +1,228 @@
+"""The rollout's own forward, replayed as the actor's first training forward.
+
+Why: with one PPO epoch and one mini-batch (no optimizer step between generation and the update, no dropout)
+the actor's first training forward sees the very weights and tokens that generation just pushed through it,
+position by position. Generation has therefore already computed every linear map of that forward: the
+prompt's in the prefill, each answer token's in its decode step, the LM head's at every position that
+predicts an answer token. Recording those outputs (`ForwardRecording`) and returning them in the training
+forward (`replaying`) skips the forward's matmuls, about 2N FLOPs per token and most of the forward's time;
+the cheap parts (embeddings, RMSNorm, rotary, attention, SiLU) still run, so autograd builds the same graph and
+the backward is unchanged. Each replayed linear's backward is the linear's own: dx = g W, dW = g^T x.
+
+What has to line up:
+- Positions. Generation feeds positions 0 .. P + n - 2 (the last sampled token is never fed), so the training
+  forward runs on seq[:, :-1]: exactly those positions. After a row's EOS generation fed padding, and so does
+  the cut sequence; those positions are masked (no loss, never attended by a real token), so whatever was
+  recorded there gets zero gradient.
+- Weights. LoRA is fused during generation, so a LoRA layer's record is (W + sBA) x. Replayed, it becomes
+  base(x) := record - s B A x (detached) plus the adapters' s B A x computed with autograd: the same value, and
+  gradients for A and B as the unfused layer gives them.
+- Numbers. The logits returned are the generation's own, so pi_old of the update equals the probabilities
+  the tokens were sampled from (the first ratio is exactly 1). The recomputed cheap parts match the rollout's
+  to float rounding, which only enters the backward (tests/test_forward_replay.py: gradients equal a full
+  forward's to 1e-5).
+
+Only where the lean decode step ran (`LlamaDecoder`: plain LLaMA, unpartitioned weights), with a SiLU MLP, no
+LoRA dropout and no gradient checkpointing (its recomputation would call the replayed layers twice).
+Shapes: B rows, P prompt length, N = max new tokens, T = P + N - 1 recorded positions.
+"""
+import contextlib
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..module.lora import LoRALinear
+from .lean_modules import _SwiGLUDown, swiglu
+from .llama_decoder import GROUPS, LlamaDecoder, _projections, group_slices
+
+_replaying = weakref.WeakSet()  # models (and their decoder bodies) inside `replaying`
+
+
+def is_replaying(module: nn.Module) -> bool:
+    """True while `module` (a causal LM or its decoder body) runs under `replaying` (for FLOP meters)."""
+    return module in _replaying
+
+
+class _ReplayedLinear(torch.autograd.Function):
+    """y = x W^T + b whose value is already known: forward returns `output`, backward is the linear's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, output):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        g2 = grad.reshape(-1, grad.size(-1))                             # (rows, out)
+        d_x = (grad @ weight) if need_x else None                        # (..., in)
+        d_weight = (g2.t() @ x.reshape(-1, x.size(-1))) if need_weight else None
+        d_bias = g2.sum(0) if need_bias and ctx.has_bias else None
+        return d_x, d_weight, d_bias, None
+
+
+def _qualifies(model: nn.Module) -> bool:
+    if not LlamaDecoder.qualifies(model):
+        return False
+    if getattr(model, "is_gradient_checkpointing", False):
+        return False
+    if getattr(model.config, "hidden_act", None) != "silu":
+        return False
+    return not any(isinstance(m, LoRALinear) and not isinstance(m.lora_dropout, nn.Identity)
+                   for m in model.modules())
+
+
+class ForwardRecording:
+    """Output buffers for every linear map of a LLaMA causal LM over one rollout: per layer and projection
+    group of the decode step (qkv, o, gateup, down: the outputs side by side, as the step computes them)
+    (B, T, width), and the LM head's (B, N, V) at the positions P - 1 .. P + N - 2 that predict answer tokens."""
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int, prompt_length: int, max_new_tokens: int,
+                  reuse: Optional[tuple] = None) -> Optional["ForwardRecording"]:
+        """A recording for this rollout, or None when the model's training forward cannot be replayed. Call it on
+        the model as it is about to generate (LoRA fused: the lean decode step runs only then). `reuse`: the
+        `buffers` of an earlier recording whose replay is over, written again when the shapes match."""
+        return cls(model, rows, prompt_length, max_new_tokens, reuse) if _qualifies(model) else None
+
+    def __init__(self, model: nn.Module, rows: int, prompt_length: int, max_new_tokens: int,
+                 reuse: Optional[tuple] = None):
+        self.model = model
+        self.prompt_length = prompt_length
+        T = prompt_length + max_new_tokens - 1
+        p = next(model.parameters())
+        self.slices = [group_slices(layer) for layer in model.model.layers]  # projection -> (group, columns)
+        shapes = [{group: (rows, T, max(hi for g, _, hi in where.values() if g == group)) for group in GROUPS}
+                  for where in self.slices]
+        logits_shape = (rows, max_new_tokens, model.lm_head.out_features)
+        if reuse is not None and _shapes_of(reuse) == (shapes, logits_shape, p.dtype, p.device):
+            # Hundreds of megabytes on larger models: fresh ones each rollout cost the kernel's page faults.
+            self.layers, self.logits = [dict(layer) for layer in reuse[0]], reuse[1]
+        else:
+            self.layers = [{group: torch.empty(shape, dtype=p.dtype, device=p.device) for group, shape in layer.items()}
+                           for layer in shapes]
+            self.logits = torch.empty(logits_shape, dtype=p.dtype, device=p.device)
+        self.buffers = (self.layers, self.logits)  # for `reuse` by the next rollout's recording
+        self.positions = 0      # positions recorded so far (columns of the layer buffers)
+        self.complete = False   # set by the sampler when every fed position went through the lean step
+
+    # ----------------------------------------------------------------------------------- recording
+    def put(self, layer: int, group: str, position: int, out: torch.Tensor, columns=None):
+        """out (B, t, width): the projection group's result (or, with columns=(lo, hi), one projection's share)
+        for positions position .. position + t - 1."""
+        buffer = self.layers[layer][group]
+        if columns is not None:
+            buffer = buffer[..., columns[0]:columns[1]]
+        buffer[:, position:position + out.size(1)] = out
+
+    def output(self, layer: int, name: str) -> torch.Tensor:
+        """The recorded (B, T, out) result of one projection (a view into its group's buffer)."""
+        group, lo, hi = self.slices[layer][name]
+        return self.layers[layer][group][..., lo:hi]
+
+    def put_logits(self, position: int, logits: torch.Tensor):
+        """logits (B, V) of sequence position `position` (>= P - 1), predicting the token after it."""
+        self.logits[:, position - self.prompt_length + 1] = logits
+
+    @contextlib.contextmanager
+    def prefill(self):
+        """Forward hooks that record the prompt forward of the model's own forward (any logits_to_keep=1)."""
+        handles = []
+        for i, layer in enumerate(self.model.model.layers):
+            for name, module in _projections(layer):
+                # the lean MLP applies down_proj inside one function: its result is the MLP module's output
+                module = layer.mlp if name == "down" else module
+                group, lo, hi = self.slices[i][name]
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, i=i, group=group, cols=(lo, hi): self.put(i, group, 0, out, cols)))
+        handles.append(self.model.lm_head.register_forward_hook(
+            lambda m, args, out: self.put_logits(self.prompt_length - 1, out[:, -1])))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+        self.positions = self.prompt_length
+
+    def trim(self, fed_positions: int):
+        """Keep the first `fed_positions` positions (the rollout ended before max_new_tokens)."""
+        n = fed_positions - self.prompt_length + 1
+        if fed_positions < self.layers[0]["qkv"].size(1):
+            self.layers = [{k: v[:, :fed_positions].contiguous() for k, v in layer.items()} for layer in self.layers]
+            self.logits = self.logits[:, :n].contiguous()
+        self.positions = fed_positions
+
+
+def _shapes_of(buffers: tuple):
+    layers, logits = buffers
+    return ([{g: tuple(t.shape) for g, t in layer.items()} for layer in layers], tuple(logits.shape), logits.dtype,
+            logits.device)
+
+
+def _replay_linear(module: nn.Module, out: torch.Tensor):
+    """A forward for `module` (nn.Linear, or LoRALinear unfused) that returns `out` for its one call."""
+    pending = [out]
+
+    def forward(x):
+        if not pending:
+            raise RuntimeError("a replayed layer was called twice in one forward (gradient checkpointing?)")
+        recorded = pending.pop()
+        if recorded.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
+                               f"output {tuple(recorded.shape)}")
+        if isinstance(module, LoRALinear) and module.enabled:
+            # recorded = (W + sBA) x: the frozen part replayed, the adapters' share through autograd
+            delta = F.linear(F.linear(x, module.lora_A), module.lora_B) * module.scaling
+            return _ReplayedLinear.apply(x, module.weight, module.bias, recorded - delta.detach()) + delta
+        return _ReplayedLinear.apply(x, module.weight, module.bias, recorded)
+    return forward
+
+
+def _replay_mlp(mlp: nn.Module, out: torch.Tensor):
+    """The LLaMA MLP down(silu(gate(x)) * up(x)) with all three results replayed (a down_proj that is not a
+    plain linear is replayed by its own replaced forward)."""
+    down = mlp.down_proj
+    if type(down) is not nn.Linear:
+        return lambda x: down(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+    return lambda x: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, out)
+
+
+@contextlib.contextmanager
+def replaying(model: nn.Module, recording: ForwardRecording):
+    """Inside the block, one forward of `model` over the recorded positions (input seq[:, :T], logits kept
+    for positions P - 1 .. T - 1) returns the recorded outputs of its linear maps. The recording is used up:
+    its buffers belong to the autograd graph afterwards and are dropped from the recording."""
+    if not recording.complete:
+        raise RuntimeError("this rollout was not recorded in full (not every step went through the lean decoder)")
+    replacements = []  # (module, forward used inside the block)
+    for i, layer in enumerate(model.model.layers):
+        for name, module in _projections(layer):
+            out = recording.output(i, name)
+            if name == "down":
+                if type(module) is not nn.Linear:
+                    replacements.append((module, _replay_linear(module, out)))
+                replacements.append((layer.mlp, _replay_mlp(layer.mlp, out)))
+            else:
+                replacements.append((module, _replay_linear(module, out)))
+    replacements.append((model.lm_head, _replay_linear(model.lm_head, recording.logits)))
+    # an instance attribute `forward` may already be there (use_lean_modules sets the MLP's): put it back after
+    previous = [(m, m.__dict__.get("forward")) for m, _ in replacements]
+    for m, forward in replacements:
+        m.forward = forward
+    recording.layers, recording.logits = [], None
+    _replaying.update((model, model.model))
+    try:
+        yield model
+    finally:
+        _replaying.discard(model)
+        _replaying.discard(model.model)
+        for m, forward in previous:
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Our PPO iteration with two sets of step-3 flags, interleaved in one invocation: how much one change buys.
+
+    .venv/bin/python bench/ab_flags.py --preset small [--lora] --a="--recompute_actor_forward" [--b="..."] [--iterations 6]
+
+Two bench/ppo_throughput.py workers (reference setting, plus --trainer_args A or B) run in lock-step like
+compare_trl.py's: one iteration at a time, alternating which goes first, so both see the same machine drift.
+The last line is the median over the measured pairs of A seconds / B seconds: `B/A speed ratio: X.XX`
+(above 1: B is faster).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH_DIR)
+
+import compare_trl  # noqa: E402  (the lock-step Worker)
+import ppo_throughput as pt  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--lora", action="store_true", help="LoRA rank 8 on q_proj,k_proj for actor and critic.")
+    p.add_argument("--a", default="", help="Step-3 flags of run A (quoted). Default none.")
+    p.add_argument("--b", default="", help="Step-3 flags of run B (quoted). Default none.")
+    p.add_argument("--iterations", type=int, default=6, help="Measured iterations per run. Default 6.")
+    p.add_argument("--warmup", type=int, default=2, help="Uncounted iterations first. Default 2.")
+    p.add_argument("--threads", type=int, default=pt.THREADS)
+    args = p.parse_args(argv)
+    actor_dir, critic_dir = pt.prepare_models(args.preset)
+    work = tempfile.mkdtemp(prefix="ab-flags-")
+    common = [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), "--preset", args.preset,
+              "--model", actor_dir, "--critic_model", critic_dir, "--iterations", str(args.iterations),
+              "--warmup", str(args.warmup), "--threads", str(args.threads), "--quiet", "--no_matmul",
+              *(["--lora"] if args.lora else [])]
+    print(f"A: {args.a or '(reference setting)'}\nB: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
+    workers = {}
+    times = {"A": [], "B": []}
+    try:
+        for name, flags in (("A", args.a), ("B", args.b)):
+            out = os.path.join(work, f"{name}.json")
+            workers[name] = compare_trl.Worker(name, common + ["--output_json", out, f"--trainer_args={flags}"],
+                                               os.path.join(work, f"{name}.log"))
+            workers[name].receive()  # ready
+        for i in range(args.warmup + args.iterations):
+            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+                time.sleep(0.2)  # let the other worker's threads go idle
+                workers[name].send("go")
+                times[name].append(workers[name].receive()["total_s"])
+            tag = " (warm-up)" if i < args.warmup else f"  B/A {times['A'][-1] / times['B'][-1]:.3f}"
+            print(f"  iteration {i}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s{tag}", flush=True)
+        for w in workers.values():
+            w.finish()
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+    pairs = list(zip(times["A"], times["B"]))[args.warmup:]
+    ratios = [a / b for a, b in pairs]
+    med = {k: statistics.median(v[args.warmup:]) for k, v in times.items()}
+    print(f"median s/iteration: A {med['A']:.3f}, B {med['B']:.3f}; pair ratios "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"B/A speed ratio: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
