@@ -498,6 +498,7 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
             if profile_rows and i == total - 1:  # one extra iteration under torch.profiler, not measured
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 profiler.__enter__()
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             rollout, timing = trainer.make_experience(batch, mask)
             t1 = time.perf_counter()
@@ -520,13 +521,16 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
                 gen_s = sum(v["seconds"] for k, v in passes.items() if k.endswith(("/prefill", "/decode")))
             rec = {"iteration": i, "warmup": i < warmup or profiler is not None,  # the profiled one is not measured
                    "total_s": t2 - t0, "generate_s": gen_s,
-                   "score_s": (t1 - t0) - gen_s, "train_s": t2 - t1, "passes": passes}
+                   "score_s": (t1 - t0) - gen_s, "train_s": t2 - t1, "passes": passes,
+                   # first touches of fresh memory: each one a kernel page fault (4 KiB zeroed)
+                   "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0}
             records.append(rec)
             if gate is not None:
                 gate.send({"iteration": i, "total_s": rec["total_s"]})
             if verbose:
                 print(f"iteration {i}{' (warm-up)' if i < warmup else ''}: {rec['total_s']:.2f} s "
-                      f"(generate {gen_s:.2f}, score {rec['score_s']:.2f}, train {rec['train_s']:.2f})", flush=True)
+                      f"(generate {gen_s:.2f}, score {rec['score_s']:.2f}, train {rec['train_s']:.2f}; "
+                      f"{rec['page_faults']} page faults)", flush=True)
         if gate is not None:
             gate.wait("end")  # nothing below overlaps the other framework's iterations
         meter.remove()

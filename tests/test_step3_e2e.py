@@ -159,16 +159,18 @@ def test_kill_and_resume_gives_the_same_metrics(reward_run, tmp_path):
 
 
 def test_reusing_the_first_training_forward_gives_the_same_updates(reward_run, tmp_path):
-    """One epoch, one mini-batch: pi_old and V_old taken from the first training forward (the default) must
-    give the same iterations as separate experience passes."""
+    """One epoch, one mini-batch: pi_old and V_old taken from the first training forward (the default), whose
+    actor part replays the rollout's own forward, must give the same iterations as separate experience passes."""
     critic, actor, _ = reward_run
     common = [*SEED_LORA, "--per_device_mini_train_batch_size", 8, "--ppo_epochs", 1, "--enable_test_mode",
               "--test_stop_step", 3]
     runs = {}
     for name, extra in (("reused", []), ("separate", ["--separate_experience_passes"])):
         out = str(tmp_path / name)
-        run_launcher(STEP3, ppo_args(actor, critic, out, str(tmp_path / "data"), *common, *extra))
+        proc = run_launcher(STEP3, ppo_args(actor, critic, out, str(tmp_path / "data"), *common, *extra))
         runs[name] = metrics(out)
+        # the reused first forward is also the replayed one (forward_replay.py): generation's own outputs
+        assert ("replayed from the rollout's own forward" in proc.stdout) == (name == "reused"), proc.stdout[-3000:]
     assert sorted(runs["reused"]) == sorted(runs["separate"]) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("reward/score", "objective/kl", "loss/policy", "loss/value", "policy/approxkl",

@@ -102,6 +102,7 @@ class PPOTrainer:
         self.replay_actor_forward = (self.reuse_first_forward and not args.recompute_actor_forward
                                      and not args.enable_hybrid_engine and engine.actor_spec.zero_stage < 3)
         self._recording_buffers = None
+        self._replay_reported = False
 
     # ------------------------------------------------------------------------------------------- forwards
     def _logprobs(self, model, seq, attention_mask, P):
@@ -220,6 +221,12 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         recording, mb.recording = mb.recording, None  # used once: afterwards its buffers belong to the graph
+        if self.replay_actor_forward and not self._replay_reported:
+            self._replay_reported = True
+            print_rank_0("actor's first training forward: " + (
+                "replayed from the rollout's own forward" if recording is not None else
+                "recomputed (this model's rollouts cannot be recorded: not a plain LLaMA on the lean decode step, "
+                "gradient checkpointing or LoRA dropout)"))
         with (replaying(self.actor.module, recording) if recording is not None else contextlib.nullcontext()):
             logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
         values = None

@@ -92,7 +92,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         if step == 0 and suppress_eos_first:
             logits[:, eos_token_id] = float("-inf")
         if do_sample:
-            logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+            if temperature != 1.0:
+                logits = logits / max(temperature, 1e-6)
+            logits = filter_logits(logits, top_k, top_p)
             token = sample_from_logits(logits)
         else:
             token = logits.argmax(-1)
