@@ -46,6 +46,30 @@ def test_lora_forward_matches_dense_formula():
     torch.testing.assert_close(lora(x), expected)
 
 
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_folded_forward_and_backward_equal_the_two_branch_form(trainable_base):
+    """LoRALinear folds s B A into W for its forward; values and every gradient must equal the textbook
+    two-branch form x W^T + b + s (x A^T) B^T under autograd (float64, 3-D input)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 10).double()
+    lora = LoRALinear(layer, lora_dim=3, lora_scaling=2.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    lora.weight.requires_grad_(trainable_base)
+    lora.bias.requires_grad_(trainable_base)
+    x = torch.randn(4, 5, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 5, 10, dtype=torch.float64)
+    params = [x, lora.lora_A, lora.lora_B] + ([lora.weight, lora.bias] if trainable_base else [])
+    assert lora.folds()
+    folded = lora(x)
+    got = torch.autograd.grad(folded, params, g)
+    reference = (x @ lora.weight.T + lora.bias + (x @ lora.lora_A.T @ lora.lora_B.T) * lora.scaling)
+    expected = torch.autograd.grad(reference, params, g)
+    torch.testing.assert_close(folded, reference)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_fused_equals_unfused_and_unfuse_restores_weights():
     model = tiny_llama()
     convert_linear_layer_to_lora(model, "q_proj,k_proj", lora_dim=4)

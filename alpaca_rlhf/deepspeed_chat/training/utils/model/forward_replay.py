@@ -14,9 +14,9 @@ What has to line up:
   forward runs on seq[:, :-1]: exactly those positions. After a row's EOS generation fed padding, and so does
   the cut sequence; those positions are masked (no loss, never attended by a real token), so whatever was
   recorded there gets zero gradient.
-- Weights. LoRA is fused during generation, so a LoRA layer's record is (W + sBA) x. Replayed, it becomes
-  base(x) := record - s B A x (detached) plus the adapters' s B A x computed with autograd: the same value, and
-  gradients for A and B as the unfused layer gives them.
+- Weights. LoRA is fused during generation, so a LoRA layer's record is x (W + sBA)^T: exactly what LoRALinear's
+  training forward computes (it folds the update into the weight the same way), so the record is returned with
+  that forward's backward (gradients for A and B as the two-branch form gives them).
 - Numbers. The logits returned are the generation's own, so pi_old of the update equals the probabilities
   the tokens were sampled from (the first ratio is exactly 1). The recomputed cheap parts match the rollout's
   to float rounding, which only enters the backward (tests/test_forward_replay.py: gradients equal a full
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..module.lora import LoRALinear
+from ..module.lora import LoRALinear, lora_linear
 from .lean_modules import _SwiGLUDown, swiglu
 from .llama_decoder import GROUPS, LlamaDecoder, _projections, group_slices
 
@@ -175,8 +175,10 @@ def _replay_linear(module: nn.Module, out: torch.Tensor):
         if recorded.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
                                f"output {tuple(recorded.shape)}")
+        if isinstance(module, LoRALinear) and module.folds():
+            return lora_linear(module, x, output=recorded)  # recorded = x (W + sBA)^T, the folded forward's value
         if isinstance(module, LoRALinear) and module.enabled:
-            # recorded = (W + sBA) x: the frozen part replayed, the adapters' share through autograd
+            # (ZeRO-3 weights) the frozen part replayed, the adapters' share through autograd
             delta = F.linear(F.linear(x, module.lora_A), module.lora_B) * module.scaling
             return _ReplayedLinear.apply(x, module.weight, module.bias, recorded - delta.detach()) + delta
         return _ReplayedLinear.apply(x, module.weight, module.bias, recorded)
