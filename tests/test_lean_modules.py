@@ -81,3 +81,32 @@ def test_lean_mlp_with_bias_frozen_or_lora_down_projection():
                 assert (g is None) == (w is None), variant
                 if g is not None:
                     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rotary_embedding_is_bit_identical_to_llamas(dtype):
+    """Forward and gradients equal q * cos + rotate_half(q) * sin exactly, on q/k laid out as LLaMA attention
+    makes them (a transposed view) with left-padded position ids."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
+
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.lean_modules import apply_rotary_pos_emb
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    B, T, D = 3, 7, 16
+    q = torch.randn(B, T, 4, D, dtype=dtype).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, T, 2, D, dtype=dtype).transpose(1, 2).requires_grad_(True)
+    positions = (torch.arange(T).expand(B, T) - torch.tensor([[0], [2], [5]])).clamp(min=0)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    g_q, g_k = torch.randn_like(q), torch.randn_like(k)
+
+    def grads(fn):
+        out_q, out_k = fn(q, k, cos, sin)
+        return (out_q, out_k) + torch.autograd.grad((out_q, out_k), (q, k), (g_q, g_k))
+
+    def reference(q, k, cos, sin):
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+    for got, want in zip(grads(apply_rotary_pos_emb), grads(reference)):
+        assert got.dtype == want.dtype and torch.equal(got, want)

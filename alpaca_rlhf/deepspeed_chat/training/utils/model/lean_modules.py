@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
+    from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 except ImportError:  # pragma: no cover - transformers without LLaMA
-    LlamaMLP = LlamaRMSNorm = None
+    modeling_llama = LlamaMLP = LlamaRMSNorm = None
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -92,6 +93,51 @@ class _SwiGLUDown(torch.autograd.Function):
         return d_gate, d_up, d_weight, d_bias, None
 
 
+def _rotate(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotary embedding on the two halves of the last dimension: (x1 c - x2 s, x2 c + x1 s), or the inverse
+    rotation (x1 c + x2 s, x2 c - x1 s). Each product is rounded before the sum, as in LLaMA's
+    q * cos + rotate_half(q) * sin, so the results are bit for bit the same."""
+    h = x.size(-1) // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos_half.shape[:-1] + (2 * h,)), dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, cos_half, out=o1)
+    torch.mul(x2, cos_half, out=o2)
+    if inverse:
+        o1.add_(x2 * sin_half)
+        o2.sub_(x1 * sin_half)
+    else:
+        o1.sub_(x2 * sin_half)
+        o2.add_(x1 * sin_half)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotary embedding with a backward that is the inverse rotation (no cat, neg or full-size products
+    kept). cos/sin are LLaMA's, whose two halves are equal; only the first halves are used and saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.size(-1) // 2
+        cos_half, sin_half = cos[..., :h], sin[..., :h]
+        ctx.save_for_backward(cos_half, sin_half)
+        return _rotate(x, cos_half, sin_half, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos_half, sin_half = ctx.saved_tensors
+        return _rotate(grad, cos_half, sin_half, inverse=True), None, None
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Drop-in for transformers' LLaMA apply_rotary_pos_emb: same arguments, the same numbers (forward and
+    gradients, tests/test_lean_modules.py), about half the passes over q and k: measured on the small model's
+    (16, 8, 127, 64) q and k, forward + backward 5.96 -> 3.36 ms per layer; a small-model forward + backward
+    1.195 -> 1.175 s."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
@@ -114,9 +160,13 @@ def _mlp_forward(self, x):
 
 def use_lean_modules(model: nn.Module) -> int:
     """Switch the LLaMA RMSNorm and SiLU-MLP modules of `model` to the lean functions (the modules, their
-    parameters and hooks stay; only their forward changes). Returns how many modules were switched."""
+    parameters and hooks stay; only their forward changes), and LLaMA attention's rotary embedding to the lean
+    one (a module-level function there, so this applies to every LLaMA model in the process; it computes the
+    same numbers). Returns how many modules were switched."""
     if LlamaRMSNorm is None:
         return 0
+    if getattr(modeling_llama, "apply_rotary_pos_emb", None) is not None:
+        modeling_llama.apply_rotary_pos_emb = apply_rotary_pos_emb
     switched = 0
     for module in model.modules():
         if type(module) is LlamaRMSNorm:
