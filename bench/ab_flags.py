@@ -2,11 +2,13 @@
 """Our PPO iteration with two sets of step-3 flags, interleaved in one invocation: how much one change buys.
 
     .venv/bin/python bench/ab_flags.py --preset small [--lora] --a="--recompute_actor_forward" [--b="..."] [--iterations 6]
+    git worktree add /tmp/before COMMIT && .venv/bin/python bench/ab_flags.py --preset small --a_checkout /tmp/before
 
 Two bench/ppo_throughput.py workers (reference setting, plus --trainer_args A or B) run in lock-step like
 compare_trl.py's: one iteration at a time, alternating which goes first, so both see the same machine drift.
 The last line is the median over the measured pairs of A seconds / B seconds: `B/A speed ratio: X.XX`
-(above 1: B is faster).
+(above 1: B is faster). With --a_checkout, A runs another checkout's trainer (an earlier commit's, say):
+the gain of a whole series of changes, measured the same way.
 """
 import argparse
 import os
@@ -31,21 +33,29 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=6, help="Measured iterations per run. Default 6.")
     p.add_argument("--warmup", type=int, default=2, help="Uncounted iterations first. Default 2.")
     p.add_argument("--threads", type=int, default=pt.THREADS)
+    p.add_argument("--a_checkout", default=None, metavar="DIR",
+                   help="Run A with the bench/ppo_throughput.py (and so the trainer) of this repository checkout.")
     args = p.parse_args(argv)
     actor_dir, critic_dir = pt.prepare_models(args.preset)
     work = tempfile.mkdtemp(prefix="ab-flags-")
-    common = [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), "--preset", args.preset,
-              "--model", actor_dir, "--critic_model", critic_dir, "--iterations", str(args.iterations),
-              "--warmup", str(args.warmup), "--threads", str(args.threads), "--quiet", "--no_matmul",
-              *(["--lora"] if args.lora else [])]
-    print(f"A: {args.a or '(reference setting)'}\nB: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
+    common = ["--preset", args.preset, "--model", actor_dir, "--critic_model", critic_dir,
+              "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
+              "--quiet", "--no_matmul", *(["--lora"] if args.lora else [])]
+    scripts = {"A": os.path.join(os.path.abspath(args.a_checkout or os.path.dirname(BENCH_DIR)), "bench",
+                                 "ppo_throughput.py"), "B": os.path.join(BENCH_DIR, "ppo_throughput.py")}
+    if not os.path.exists(scripts["A"]):
+        p.error(f"--a_checkout: {scripts['A']} does not exist")
+    print(f"A: {args.a or '(reference setting)'}{' from ' + args.a_checkout if args.a_checkout else ''}\n"
+          f"B: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
     workers = {}
     times = {"A": [], "B": []}
     try:
         for name, flags in (("A", args.a), ("B", args.b)):
             out = os.path.join(work, f"{name}.json")
-            workers[name] = compare_trl.Worker(name, common + ["--output_json", out, f"--trainer_args={flags}"],
-                                               os.path.join(work, f"{name}.log"))
+            cmd = [sys.executable, scripts[name], *common, "--output_json", out]
+            if flags:  # (an older checkout's script may not know the flag)
+                cmd.append(f"--trainer_args={flags}")
+            workers[name] = compare_trl.Worker(name, cmd, os.path.join(work, f"{name}.log"))
             workers[name].receive()  # ready
         for i in range(args.warmup + args.iterations):
             for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
