@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
@@ -48,7 +47,6 @@ def main(argv=None):
     print(f"A: {args.a or '(reference setting)'}{' from ' + args.a_checkout if args.a_checkout else ''}\n"
           f"B: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
     workers = {}
-    times = {"A": [], "B": []}
     try:
         for name, flags in (("A", args.a), ("B", args.b)):
             out = os.path.join(work, f"{name}.json")
@@ -57,15 +55,10 @@ def main(argv=None):
                 cmd.append(f"--trainer_args={flags}")
             workers[name] = compare_trl.Worker(name, cmd, os.path.join(work, f"{name}.log"))
             workers[name].receive()  # ready
-        for i in range(args.warmup + args.iterations):
-            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
-                time.sleep(0.2)  # let the other worker's threads go idle
-                workers[name].send("go")
-                times[name].append(workers[name].receive()["total_s"])
-            tag = " (warm-up)" if i < args.warmup else f"  B/A {times['A'][-1] / times['B'][-1]:.3f}"
-            print(f"  iteration {i}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s{tag}", flush=True)
-        for w in workers.values():
-            w.finish()
+        def describe(i, times, warm):
+            tag = " (warm-up)" if warm else f"  B/A {times['A'][-1] / times['B'][-1]:.3f}"
+            return f"  iteration {i}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s{tag}"
+        times = compare_trl.lockstep(workers, args.warmup + args.iterations, args.warmup, describe)
     finally:
         for w in workers.values():
             if w.proc.poll() is None:

@@ -267,6 +267,23 @@ class Worker:
         raise SystemExit(f"{self.name} worker failed ({why}); log: {self.log_path}")
 
 
+def lockstep(workers: dict, total: int, warmup: int, describe) -> dict:
+    """Release `total` iterations, one at a time, alternately to each worker (the first named goes first on
+    even iterations, the other on odd ones; the idle one waits on its pipe); then end them. After each
+    iteration prints describe(i, times, warm-up?). Returns {name: [seconds per iteration]}."""
+    names = list(workers)
+    times = {name: [] for name in names}
+    for i in range(total):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            time.sleep(0.2)  # let the other worker's threads go idle
+            workers[name].send("go")
+            times[name].append(workers[name].receive()["total_s"])
+        print(describe(i, times, i < warmup), flush=True)
+    for w in workers.values():
+        w.finish()
+    return times
+
+
 def run_round(r, args, common, work):
     """One lock-step round; returns ({framework: report}, [(ours s, TRL s) per measured iteration])."""
     outs = {name: os.path.join(work, f"round{r}-{name}.json") for name in ("ours", "TRL")}
@@ -278,19 +295,10 @@ def run_round(r, args, common, work):
         for name in ("ours", "TRL"):  # set up one after the other (start-up is not measured)
             workers[name] = Worker(name, cmds[name], os.path.join(work, f"round{r}-{name}.log"))
             workers[name].receive()  # ready
-        total = args.warmup + args.iterations
-        times = {"ours": [], "TRL": []}
-        for i in range(total):
-            order = ("ours", "TRL") if i % 2 == 0 else ("TRL", "ours")
-            for name in order:
-                time.sleep(0.2)  # let the other worker's threads go idle
-                workers[name].send("go")
-                times[name].append(workers[name].receive()["total_s"])
-            tag = " (warm-up)" if i < args.warmup else f"  ratio {times['TRL'][-1] / times['ours'][-1]:.2f}"
-            print(f"  round {r} iteration {i}: ours {times['ours'][-1]:.2f} s, TRL {times['TRL'][-1]:.2f} s{tag}",
-                  flush=True)
-        for w in workers.values():
-            w.finish()
+        def describe(i, times, warm):
+            tag = " (warm-up)" if warm else f"  ratio {times['TRL'][-1] / times['ours'][-1]:.2f}"
+            return f"  round {r} iteration {i}: ours {times['ours'][-1]:.2f} s, TRL {times['TRL'][-1]:.2f} s{tag}"
+        times = lockstep(workers, args.warmup + args.iterations, args.warmup, describe)
     finally:
         for w in workers.values():
             if w.proc.poll() is None:
