@@ -21,7 +21,6 @@ the textbook formula) and the achieved FLOP/s against a large fp32 matmul measur
 import argparse
 import hashlib
 import json
-import math
 import os
 import resource
 import shlex

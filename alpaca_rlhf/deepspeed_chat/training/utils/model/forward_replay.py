@@ -20,7 +20,7 @@ What has to line up:
 - Numbers. The logits returned are the generation's own, so pi_old of the update equals the probabilities
   the tokens were sampled from (the first ratio is exactly 1). The recomputed cheap parts match the rollout's
   to float rounding, which only enters the backward (tests/test_forward_replay.py: gradients equal a full
-  forward's to 1e-5).
+  forward's within rtol 1e-4).
 
 Only where the lean decode step ran (`LlamaDecoder`: plain LLaMA, unpartitioned weights), with a SiLU MLP, no
 LoRA dropout and no gradient checkpointing (its recomputation would call the replayed layers twice).
@@ -28,15 +28,14 @@ Shapes: B rows, P prompt length, N = max new tokens, T = P + N - 1 recorded posi
 """
 import contextlib
 import weakref
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..module.lora import LoRALinear, lora_linear
-from .lean_modules import _SwiGLUDown, swiglu
-from .llama_decoder import GROUPS, LlamaDecoder, _projections, group_slices
+from .lean_modules import swiglu, swiglu_down
+from .llama_decoder import GROUPS, LlamaDecoder, group_slices, layer_projections
 
 _replaying = weakref.WeakSet()  # models (and their decoder bodies) inside `replaying`
 
@@ -108,7 +107,6 @@ class ForwardRecording:
                            for layer in shapes]
             self.logits = torch.empty(logits_shape, dtype=p.dtype, device=p.device)
         self.buffers = (self.layers, self.logits)  # for `reuse` by the next rollout's recording
-        self.positions = 0      # positions recorded so far (columns of the layer buffers)
         self.complete = False   # set by the sampler when every fed position went through the lean step
 
     # ----------------------------------------------------------------------------------- recording
@@ -134,7 +132,7 @@ class ForwardRecording:
         """Forward hooks that record the prompt forward of the model's own forward (any logits_to_keep=1)."""
         handles = []
         for i, layer in enumerate(self.model.model.layers):
-            for name, module in _projections(layer):
+            for name, module in layer_projections(layer):
                 # the lean MLP applies down_proj inside one function: its result is the MLP module's output
                 module = layer.mlp if name == "down" else module
                 group, lo, hi = self.slices[i][name]
@@ -147,7 +145,6 @@ class ForwardRecording:
         finally:
             for h in handles:
                 h.remove()
-        self.positions = self.prompt_length
 
     def trim(self, fed_positions: int):
         """Keep the first `fed_positions` positions (the rollout ended before max_new_tokens)."""
@@ -155,7 +152,6 @@ class ForwardRecording:
         if fed_positions < self.layers[0]["qkv"].size(1):
             self.layers = [{k: v[:, :fed_positions].contiguous() for k, v in layer.items()} for layer in self.layers]
             self.logits = self.logits[:, :n].contiguous()
-        self.positions = fed_positions
 
 
 def _shapes_of(buffers: tuple):
@@ -175,12 +171,10 @@ def _replay_linear(module: nn.Module, out: torch.Tensor):
         if recorded.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
                                f"output {tuple(recorded.shape)}")
-        if isinstance(module, LoRALinear) and module.folds():
+        if isinstance(module, LoRALinear):
+            if not module.folds():  # adapters off or unfused forms: the record (fused weights) would not match
+                raise RuntimeError("a replayed LoRA layer must run with its adapters on, unfused, without dropout")
             return lora_linear(module, x, output=recorded)  # recorded = x (W + sBA)^T, the folded forward's value
-        if isinstance(module, LoRALinear) and module.enabled:
-            # (ZeRO-3 weights) the frozen part replayed, the adapters' share through autograd
-            delta = F.linear(F.linear(x, module.lora_A), module.lora_B) * module.scaling
-            return _ReplayedLinear.apply(x, module.weight, module.bias, recorded - delta.detach()) + delta
         return _ReplayedLinear.apply(x, module.weight, module.bias, recorded)
     return forward
 
@@ -191,7 +185,7 @@ def _replay_mlp(mlp: nn.Module, out: torch.Tensor):
     down = mlp.down_proj
     if type(down) is not nn.Linear:
         return lambda x: down(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
-    return lambda x: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, out)
+    return lambda x: swiglu_down(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, out)
 
 
 @contextlib.contextmanager
@@ -203,7 +197,7 @@ def replaying(model: nn.Module, recording: ForwardRecording):
         raise RuntimeError("this rollout was not recorded in full (not every step went through the lean decoder)")
     replacements = []  # (module, forward used inside the block)
     for i, layer in enumerate(model.model.layers):
-        for name, module in _projections(layer):
+        for name, module in layer_projections(layer):
             out = recording.output(i, name)
             if name == "down":
                 if type(module) is not nn.Linear:

@@ -146,6 +146,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias=None, output=None) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight, bias), keeping only gate and up for the backward; `output`: that
+    result already computed (returned as it is, with the same backward)."""
+    return _SwiGLUDown.apply(gate, up, weight, bias, output)
+
+
 def _norm_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -154,7 +160,7 @@ def _mlp_forward(self, x):
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
     if type(down) is nn.Linear and not hasattr(down.weight, "ds_id"):
         # a plain, unpartitioned linear (not LoRA-wrapped, not ZeRO-3): its input need not be kept
-        return _SwiGLUDown.apply(gate, up, down.weight, down.bias)
+        return swiglu_down(gate, up, down.weight, down.bias)
     return down(swiglu(gate, up))
 
 

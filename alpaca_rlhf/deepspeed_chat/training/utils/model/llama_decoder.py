@@ -38,7 +38,7 @@ def _weight(linear: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def _projections(layer: nn.Module):
+def layer_projections(layer: nn.Module):
     """(name, module) of a decoder layer's seven linear maps."""
     attn, mlp = layer.self_attn, layer.mlp
     return [("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
@@ -53,7 +53,7 @@ GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down":
 def group_slices(layer: nn.Module):
     """{projection name: (group, first column, last column + 1)}: where each linear map's output sits in its
     group's output."""
-    modules = dict(_projections(layer))
+    modules = dict(layer_projections(layer))
     where = {}
     for group, names in GROUPS.items():
         start = 0
@@ -121,7 +121,7 @@ class LlamaDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
                 return False
-            if any(_weight(m) is None for _, m in _projections(layer)) or _weight(model.lm_head) is None:
+            if any(_weight(m) is None for _, m in layer_projections(layer)) or _weight(model.lm_head) is None:
                 return False
         return True
 
@@ -139,7 +139,7 @@ class LlamaDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # every projection group laid out for `rows`-row inputs once per rollout (the weights change between
         # rollouts)
-        self.projections = [{group: _group_projection([dict(_projections(layer))[n] for n in names], rows)
+        self.projections = [{group: _group_projection([dict(layer_projections(layer))[n] for n in names], rows)
                              for group, names in GROUPS.items()} for layer in model.model.layers]
         self.lm_head = _Projection(_weight(model.lm_head), model.lm_head.bias, rows)
         self.keys: List[torch.Tensor] = []
@@ -212,5 +212,4 @@ class LlamaDecoder:
         logits = self.lm_head(x[:, -1, :])                               # (B, V)
         if rec is not None:
             rec.put_logits(t, logits)
-            rec.positions = t + 1
         return logits
