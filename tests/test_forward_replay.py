@@ -90,8 +90,15 @@ def test_replayed_forward_gives_the_rollout_logits_and_the_full_forward_gradient
     model = _model(lora)
     ids, mask = _prompts()
     P = ids.size(1)
-    seq, attention_mask, action_mask, recording = _rollout(model, ids, mask, 12, lora, temperature=1.5)
-    assert 0 < action_mask.sum() < action_mask.numel() or action_mask.all()
+    # EOS := the token row 1 samples sixth, so that at least one answer is cut off and padded after its EOS
+    torch.manual_seed(3)
+    with torch.no_grad(), (lora_fused(model) if lora else contextlib.nullcontext()):
+        free, _ = sample(model, ids, mask, 12, -1, PAD, temperature=1.5, suppress_eos_first=False)
+    eos = int(free[1, P + 5])
+    torch.manual_seed(3)  # the same draws: the rollout below follows `free` up to each row's EOS
+    seq, attention_mask, action_mask, recording = _rollout(model, ids, mask, 12, lora, eos=eos, temperature=1.5,
+                                                           suppress_eos_first=False)
+    assert not action_mask.all() and action_mask.sum(-1).max() > 6, action_mask
     recorded_logits = recording.logits.clone()
     full_logits, full_grads = _grads_of(model, seq, attention_mask, action_mask, P)
     replay_logits, replay_grads = _grads_of(model, seq, attention_mask, action_mask, P, recording)
