@@ -19,7 +19,7 @@ import tempfile
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-import compare_trl  # noqa: E402  (the lock-step Worker)
+import compare_trl  # noqa: E402  (the lock-step driver)
 import ppo_throughput as pt  # noqa: E402
 
 
@@ -46,23 +46,17 @@ def main(argv=None):
         p.error(f"--a_checkout: {scripts['A']} does not exist")
     print(f"A: {args.a or '(reference setting)'}{' from ' + args.a_checkout if args.a_checkout else ''}\n"
           f"B: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
-    workers = {}
-    try:
-        for name, flags in (("A", args.a), ("B", args.b)):
-            out = os.path.join(work, f"{name}.json")
-            cmd = [sys.executable, scripts[name], *common, "--output_json", out]
-            if flags:  # (an older checkout's script may not know the flag)
-                cmd.append(f"--trainer_args={flags}")
-            workers[name] = compare_trl.Worker(name, cmd, os.path.join(work, f"{name}.log"))
-            workers[name].receive()  # ready
-        def describe(i, times, warm):
-            tag = " (warm-up)" if warm else f"  B/A {times['A'][-1] / times['B'][-1]:.3f}"
-            return f"  iteration {i}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s{tag}"
-        times = compare_trl.lockstep(workers, args.warmup + args.iterations, args.warmup, describe)
-    finally:
-        for w in workers.values():
-            if w.proc.poll() is None:
-                w.proc.kill()
+    cmds = {}
+    for name, flags in (("A", args.a), ("B", args.b)):
+        cmd = [sys.executable, scripts[name], *common, "--output_json", os.path.join(work, f"{name}.json")]
+        if flags:  # (an older checkout's script may not know the flag)
+            cmd.append(f"--trainer_args={flags}")
+        cmds[name] = (cmd, os.path.join(work, f"{name}.log"))
+
+    def describe(i, times, warm):
+        tag = " (warm-up)" if warm else f"  B/A {times['A'][-1] / times['B'][-1]:.3f}"
+        return f"  iteration {i}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s{tag}"
+    times = compare_trl.lockstep(cmds, args.warmup + args.iterations, args.warmup, describe)
     pairs = list(zip(times["A"], times["B"]))[args.warmup:]
     ratios = [a / b for a, b in pairs]
     med = {k: statistics.median(v[args.warmup:]) for k, v in times.items()}

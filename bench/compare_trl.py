@@ -267,20 +267,30 @@ class Worker:
         raise SystemExit(f"{self.name} worker failed ({why}); log: {self.log_path}")
 
 
-def lockstep(workers: dict, total: int, warmup: int, describe) -> dict:
-    """Release `total` iterations, one at a time, alternately to each worker (the first named goes first on
-    even iterations, the other on odd ones; the idle one waits on its pipe); then end them. After each
-    iteration prints describe(i, times, warm-up?). Returns {name: [seconds per iteration]}."""
-    names = list(workers)
-    times = {name: [] for name in names}
-    for i in range(total):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            time.sleep(0.2)  # let the other worker's threads go idle
-            workers[name].send("go")
-            times[name].append(workers[name].receive()["total_s"])
-        print(describe(i, times, i < warmup), flush=True)
-    for w in workers.values():
-        w.finish()
+def lockstep(cmds: dict, total: int, warmup: int, describe) -> dict:
+    """Start one worker per {name: (command, log path)}, one after the other (start-up is not measured), then
+    release `total` iterations one at a time, alternately to each (the first named goes first on even
+    iterations, the other on odd ones; the idle one waits on its pipe), and end them. After each iteration
+    prints describe(i, times, warm-up?). Returns {name: [seconds per iteration]}."""
+    workers = {}
+    try:
+        for name, (cmd, log_path) in cmds.items():
+            workers[name] = Worker(name, cmd, log_path)
+            workers[name].receive()  # ready
+        names = list(workers)
+        times = {name: [] for name in names}
+        for i in range(total):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                time.sleep(0.2)  # let the other worker's threads go idle
+                workers[name].send("go")
+                times[name].append(workers[name].receive()["total_s"])
+            print(describe(i, times, i < warmup), flush=True)
+        for w in workers.values():
+            w.finish()
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
     return times
 
 
@@ -290,19 +300,12 @@ def run_round(r, args, common, work):
     cmds = {"ours": [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), *common, "--quiet",
                      "--no_matmul", "--output_json", outs["ours"]],
             "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"]]}
-    workers = {}
-    try:
-        for name in ("ours", "TRL"):  # set up one after the other (start-up is not measured)
-            workers[name] = Worker(name, cmds[name], os.path.join(work, f"round{r}-{name}.log"))
-            workers[name].receive()  # ready
-        def describe(i, times, warm):
-            tag = " (warm-up)" if warm else f"  ratio {times['TRL'][-1] / times['ours'][-1]:.2f}"
-            return f"  round {r} iteration {i}: ours {times['ours'][-1]:.2f} s, TRL {times['TRL'][-1]:.2f} s{tag}"
-        times = lockstep(workers, args.warmup + args.iterations, args.warmup, describe)
-    finally:
-        for w in workers.values():
-            if w.proc.poll() is None:
-                w.proc.kill()
+
+    def describe(i, times, warm):
+        tag = " (warm-up)" if warm else f"  ratio {times['TRL'][-1] / times['ours'][-1]:.2f}"
+        return f"  round {r} iteration {i}: ours {times['ours'][-1]:.2f} s, TRL {times['TRL'][-1]:.2f} s{tag}"
+    times = lockstep({name: (cmd, os.path.join(work, f"round{r}-{name}.log")) for name, cmd in cmds.items()},
+                     args.warmup + args.iterations, args.warmup, describe)
     reports = {name: json.load(open(outs[name])) for name in outs}
     pairs = list(zip(times["ours"], times["TRL"]))[args.warmup:]
     return reports, pairs

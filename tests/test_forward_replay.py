@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import cut_at_eos
-from alpaca_rlhf.deepspeed_chat.training.utils.losses import gather_log_probs, position_ids_from_mask
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import answer_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import (ForwardRecording, is_replaying,
                                                                             replaying)
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
@@ -60,12 +60,15 @@ def _rollout(model, ids, mask, new_tokens, lora, eos=EOS, **sampling):
 
 
 def _policy_forward(model, seq, attention_mask, P):
-    """What PPOTrainer._logprobs runs: positions 0 .. L-2, the LM head on P-1 .. L-2."""
-    L = seq.size(1)
-    logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
-                   position_ids=position_ids_from_mask(attention_mask)[:, :-1],
-                   logits_to_keep=torch.arange(P - 1, L - 1), use_cache=False).logits
-    return logits, gather_log_probs(logits, seq[:, P:])
+    """The trainer's own policy pass (positions 0 .. L-2, the LM head on P-1 .. L-2), with the LM head's
+    output (the logits) caught on the way."""
+    caught = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: caught.append(out))
+    try:
+        logp = answer_log_probs(model, seq, attention_mask, P)
+    finally:
+        hook.remove()
+    return caught[0], logp
 
 
 def _grads_of(model, seq, attention_mask, action_mask, P, recording=None):

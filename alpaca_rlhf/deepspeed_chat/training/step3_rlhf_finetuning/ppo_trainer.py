@@ -105,18 +105,6 @@ class PPOTrainer:
         self._replay_reported = False
 
     # ------------------------------------------------------------------------------------------- forwards
-    def _logprobs(self, model, seq, attention_mask, P):
-        """log pi(answer tokens): only the A positions that predict them go through the LM head. -> (B, A)"""
-        L = seq.size(1)
-        # positions P-1 .. L-2 predict the answer tokens P .. L-1; position L-1 predicts nothing and is left out
-        # (an index rather than slicing the logits afterwards: the slice's backward would zero-fill and copy a
-        # gradient of the full logits' size)
-        logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
-                       position_ids=position_ids_from_mask(attention_mask)[:, :-1],
-                       logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
-                       use_cache=False).logits                          # (B, A, V)
-        return gather_log_probs(logits, seq[:, P:])
-
     def _values(self, critic, seq, attention_mask, P):
         values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True)  # (B, L-1)
         return values[:, P - 1:].float()                                # (B, A), the value before each action
@@ -175,6 +163,12 @@ class PPOTrainer:
         seq, nonfinite, recording = self.generate(prompts, prompt_mask,                       # 1. generate
                                                   record=self.replay_actor_forward)
         t_gen = time.time() - t0
+        if self.replay_actor_forward and not self._replay_reported:
+            self._replay_reported = True
+            print_rank_0("actor's first training forward: " + (
+                "replayed from the rollout's own forward" if recording is not None else
+                "recomputed (this model's rollouts cannot be recorded: not a plain LLaMA on the lean decode step, "
+                "gradient checkpointing or LoRA dropout)"))
         if any_rank(nonfinite, self.device):
             self.nonfinite_skipped += 1
             print_rank_0(f"warning: non-finite logits during generation; batch skipped "
@@ -185,11 +179,11 @@ class PPOTrainer:
         raw_score = self.engine.reward_scores(seq, attention_mask, P)                         # 3. score
         score = self.normalize_score(raw_score, ended)
         with self.engine.reference_context():
-            ref_logprobs = self._logprobs(self.engine.reference_model, seq, attention_mask, P)
+            ref_logprobs = answer_log_probs(self.engine.reference_model, seq, attention_mask, P)
         rollout = Rollout(seq, attention_mask, action_mask, ref_logprobs, score, raw_score, ended, P, recording)
         if not self.reuse_first_forward:  # pi_old and V_old now; otherwise the update's first forward gives them
             self.critic.eval()
-            logprobs = self._logprobs(self.actor.module, seq, attention_mask, P)
+            logprobs = answer_log_probs(self.actor.module, seq, attention_mask, P)
             values = self._values(self.critic.module, seq, attention_mask, P)
             self.advantages(rollout, logprobs, values)
         return rollout, {"time/generate": t_gen, "time/score": time.time() - t1}
@@ -221,14 +215,8 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         recording, mb.recording = mb.recording, None  # used once: afterwards its buffers belong to the graph
-        if self.replay_actor_forward and not self._replay_reported:
-            self._replay_reported = True
-            print_rank_0("actor's first training forward: " + (
-                "replayed from the rollout's own forward" if recording is not None else
-                "recomputed (this model's rollouts cannot be recorded: not a plain LLaMA on the lean decode step, "
-                "gradient checkpointing or LoRA dropout)"))
         with (replaying(self.actor.module, recording) if recording is not None else contextlib.nullcontext()):
-            logprobs = self._logprobs(self.actor, mb.seq, mb.attention_mask, P)
+            logprobs = answer_log_probs(self.actor, mb.seq, mb.attention_mask, P)
         values = None
         if mb.logprobs is None:  # reused first forward: pi_old = this policy, V_old = this critic (detached)
             values = self._values(self.critic, mb.seq, mb.attention_mask, P)
@@ -322,9 +310,9 @@ class PPOTrainer:
             seq, attention_mask, action_mask, ended = self.cut_at_eos(seq, prompt_mask)
             P = prompt_mask.size(1)
             raw = self.engine.reward_scores(seq, attention_mask, P)
-            logprobs = self._logprobs(self.actor.module, seq, attention_mask, P)
+            logprobs = answer_log_probs(self.actor.module, seq, attention_mask, P)
             with self.engine.reference_context():
-                ref = self._logprobs(self.engine.reference_model, seq, attention_mask, P)
+                ref = answer_log_probs(self.engine.reference_model, seq, attention_mask, P)
             lengths = action_mask.sum(-1) - ended.float()
             prompt_texts, answers = self.decode(seq, P)
             batch_sums = {"reward": raw.sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
@@ -343,6 +331,20 @@ class PPOTrainer:
         result: Dict[str, object] = {f"eval/{k}": v / count for k, v in totals.items()}
         result["samples"] = samples[:num_samples]
         return result
+
+
+def answer_log_probs(model, seq: torch.Tensor, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """log pi(answer tokens) of sequences (B, L) whose answers start at column P: only the A positions that
+    predict them go through the LM head. -> (B, A)"""
+    L = seq.size(1)
+    # positions P-1 .. L-2 predict the answer tokens P .. L-1; position L-1 predicts nothing and is left out
+    # (an index rather than slicing the logits afterwards: the slice's backward would zero-fill and copy a
+    # gradient of the full logits' size)
+    logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
+                   position_ids=position_ids_from_mask(attention_mask)[:, :-1],
+                   logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
+                   use_cache=False).logits                              # (B, A, V)
+    return gather_log_probs(logits, seq[:, P:])
 
 
 def reuses_first_forward(args) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
-from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores, position_ids_from_mask
+from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import create_hf_model
 from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_critic_model
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
@@ -110,8 +110,7 @@ class DeepSpeedRLHFEngine:
         if self.reward is None:
             critic = self.critic.module
             with lora_disabled(critic):
-                hidden = critic.rwtransformer(input_ids=seq, attention_mask=attention_mask, use_cache=False,
-                                              position_ids=position_ids_from_mask(attention_mask))[0]
+                hidden = critic.hidden_states(seq, attention_mask)
             return end_scores(self.reward_head(hidden).squeeze(-1).float(), attention_mask)
         return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length)[
             "chosen_end_scores"].float()

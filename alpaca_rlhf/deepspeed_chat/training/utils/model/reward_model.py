@@ -42,12 +42,15 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs):
         self.rwtransformer.gradient_checkpointing_enable(**kwargs)
 
+    def hidden_states(self, input_ids, attention_mask, use_cache=False) -> torch.Tensor:
+        """The decoder's last hidden states, (B, T, H). Positions count real tokens, so left-padded rollouts
+        (step 3) see the same positions as the right-padded pairs the model was trained on."""
+        return self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids_from_mask(attention_mask), use_cache=use_cache)[0]
+
     def values(self, input_ids, attention_mask, use_cache=False) -> torch.Tensor:
-        """Per-token scalar values, (B, T). Positions count real tokens, so left-padded rollouts (step 3) see
-        the same positions as the right-padded pairs the model was trained on."""
-        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids_from_mask(attention_mask), use_cache=use_cache)[0]
-        values = self.v_head(hidden).squeeze(-1)
+        """Per-token scalar values, (B, T)."""
+        values = self.v_head(self.hidden_states(input_ids, attention_mask, use_cache)).squeeze(-1)
         return values.float() if self.compute_fp32_loss else values
 
     def forward(self, input_ids, attention_mask, **unused):
