@@ -72,8 +72,8 @@ def _qualifies(model: nn.Module) -> bool:
         return False
     if getattr(model.config, "hidden_act", None) != "silu":
         return False
-    return not any(isinstance(m, LoRALinear) and not isinstance(m.lora_dropout, nn.Identity)
-                   for m in model.modules())
+    # the training forward of a LoRA layer must be the folded one, the value its fused rollout computed
+    return all(m.can_fold() for m in model.modules() if isinstance(m, LoRALinear))
 
 
 class ForwardRecording:

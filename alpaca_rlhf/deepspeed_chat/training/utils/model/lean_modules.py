@@ -131,9 +131,10 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """Drop-in for transformers' LLaMA apply_rotary_pos_emb: same arguments, the same numbers (forward and
-    gradients, tests/test_lean_modules.py), about half the passes over q and k: measured on the small model's
-    (16, 8, 127, 64) q and k, forward + backward 5.96 -> 3.36 ms per layer; a small-model forward + backward
-    1.195 -> 1.175 s."""
+    gradients, tests/test_lean_modules.py), fewer passes over q and k. What it buys is memory: PPO iterations of
+    the benchmark (bench/ab_flags.py against a checkout without it, 3 pairs each) peak at 3020 instead of 3205 MiB
+    on `small` and 2128 instead of 2410 MiB on `small` with LoRA (1.02x faster there; level with full
+    fine-tuning)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
 
