@@ -187,7 +187,16 @@ class PassMeter:
     # registration
     def watch_body(self, module, name_fn, embedding, config):
         params, trainable = _param_counts(module, exclude=[embedding.weight] if embedding is not None else [])
+        import torch
+        layers = getattr(module, "layers", None)
+        last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+        # the last layer's weights other than k and v: what runs only from a position on under last_layer_from
+        query_params = sum(p.numel() for n, p in last.named_parameters()
+                           if not _is_lora_name(n) and not any(f".{k}." in f".{n}" for k in
+                                                               ("k_proj", "v_proj", "input_layernorm"))
+                           ) if last is not None else 0
         info = {"name_fn": name_fn, "params": params, "frac": trainable / max(params, 1),
+                "query_params": query_params,
                 "layers": config.num_hidden_layers,
                 "width": config.num_attention_heads * getattr(config, "head_dim",
                                                               config.hidden_size // config.num_attention_heads)}
@@ -260,6 +269,10 @@ class PassMeter:
             kind = "score"
         matmul = 2.0 * info["params"] * B * T
         attention = 4.0 * info["layers"] * info["width"] * B * T * keys
+        skipped = min(_last_layer_start(module), T - 1) if module is not None else 0
+        if skipped > 0:  # the last layer's queries, o_proj and MLP ran at positions skipped .. T - 1 only
+            matmul -= 2.0 * info["query_params"] * B * skipped
+            attention -= 4.0 * info["width"] * B * skipped * keys
         # a replayed forward (forward_replay.py) takes its matmuls' results from the rollout: attention only
         rec = {"label": f"{info['name_fn']()}/{kind}", "calls": 1, "tokens": B * T,
                "seconds": 0.0, "flops": (0.0 if replayed else matmul) + attention, "backward_flops": 0.0,
@@ -314,6 +327,15 @@ def _is_replaying(module) -> bool:
     return is_replaying(module)
 
 
+def _last_layer_start(module) -> int:
+    """Where our trainer's last_layer_from makes this body's last layer start now (0 for TRL's models)."""
+    try:
+        from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import active_start
+    except ImportError:
+        return 0
+    return active_start(module)
+
+
 class _Restore:
     """A hook handle that puts a wrapped class method back."""
 
@@ -357,7 +379,8 @@ COUNTED_TEXT = ("counted: forward hooks on every decoder body and head; per call
                 "2*N_head*(positions the head is applied to) + attention 4*layers*width*q*k per sequence; "
                 "a training call adds backward (1+f)*matmul + 2*attention, f = trainable fraction of the "
                 "hooked weights (1 full fine-tuning, ~0 with a frozen base + LoRA); a train-replayed call "
-                "(the actor's forward replayed from the rollout) counts attention only in its forward")
+                "(the actor's forward replayed from the rollout) counts attention only in its forward; where "
+                "the last layer runs from position S on (last_layer.py), its non-k/v weights count T-S positions")
 
 
 class Gate:

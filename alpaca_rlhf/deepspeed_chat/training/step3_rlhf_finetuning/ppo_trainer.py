@@ -34,6 +34,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.losses import (gather_log_probs, 
                                                               position_ids_from_mask)
 from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording, replaying
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
+from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import last_layer_from
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
@@ -106,7 +107,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- forwards
     def _values(self, critic, seq, attention_mask, P):
-        values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True)  # (B, L-1)
+        with last_layer_from(critic, P - 1):  # only the positions read below: their last layer alone runs
+            values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True)  # (B, L-1)
         return values[:, P - 1:].float()                                # (B, A), the value before each action
 
     # ------------------------------------------------------------------------------------------- rollout
@@ -340,10 +342,12 @@ def answer_log_probs(model, seq: torch.Tensor, attention_mask: torch.Tensor, P: 
     # positions P-1 .. L-2 predict the answer tokens P .. L-1; position L-1 predicts nothing and is left out
     # (an index rather than slicing the logits afterwards: the slice's backward would zero-fill and copy a
     # gradient of the full logits' size)
-    logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
-                   position_ids=position_ids_from_mask(attention_mask)[:, :-1],
-                   logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
-                   use_cache=False).logits                              # (B, A, V)
+    # (and the last decoder layer computes only those A positions: earlier ones serve as keys and values only)
+    with last_layer_from(model, P - 1):
+        logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
+                       position_ids=position_ids_from_mask(attention_mask)[:, :-1],
+                       logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
+                       use_cache=False).logits                          # (B, A, V)
     return gather_log_probs(logits, seq[:, P:])
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
-from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores
+from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores, last_token_index
+from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import last_layer_from
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import create_hf_model
 from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_critic_model
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
@@ -107,13 +108,16 @@ class DeepSpeedRLHFEngine:
         """The reward model's score of each sequence: its value at the last real token. (B, L) -> (B,)"""
         if isinstance(self.reward, ClassifierReward):
             return self.reward(seq, attention_mask, prompt_length)
+        # only each row's last real token is read: the last decoder layer runs from the earliest of them on
+        start = int(last_token_index(attention_mask).min())
         if self.reward is None:
             critic = self.critic.module
-            with lora_disabled(critic):
+            with lora_disabled(critic), last_layer_from(critic, start):
                 hidden = critic.hidden_states(seq, attention_mask)
             return end_scores(self.reward_head(hidden).squeeze(-1).float(), attention_mask)
-        return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length)[
-            "chosen_end_scores"].float()
+        with last_layer_from(self.reward.module, start):
+            return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length)[
+                "chosen_end_scores"].float()
 
     # ------------------------------------------------------------------------------------------- EMA
     def _make_ema(self, actor: nn.Module) -> nn.Module:

@@ -160,6 +160,13 @@ def _shapes_of(buffers: tuple):
             logits.device)
 
 
+def _suffix(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The record (B, T, out) at the positions of an input (B, t, in): all of them, or the last t when the layer
+    runs from a position on (last_layer.py gives the last layer's queries and MLP the suffix only)."""
+    t = x.size(-2)
+    return recorded if t >= recorded.size(-2) else recorded[..., recorded.size(-2) - t:, :]
+
+
 def _replay_linear(module: nn.Module, out: torch.Tensor):
     """A forward for `module` (nn.Linear, or LoRALinear unfused) that returns `out` for its one call."""
     pending = [out]
@@ -167,7 +174,7 @@ def _replay_linear(module: nn.Module, out: torch.Tensor):
     def forward(x):
         if not pending:
             raise RuntimeError("a replayed layer was called twice in one forward (gradient checkpointing?)")
-        recorded = pending.pop()
+        recorded = _suffix(pending.pop(), x)
         if recorded.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
                                f"output {tuple(recorded.shape)}")
@@ -185,7 +192,7 @@ def _replay_mlp(mlp: nn.Module, out: torch.Tensor):
     down = mlp.down_proj
     if type(down) is not nn.Linear:
         return lambda x: down(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
-    return lambda x: swiglu_down(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, out)
+    return lambda x: swiglu_down(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, _suffix(out, x))
 
 
 @contextlib.contextmanager

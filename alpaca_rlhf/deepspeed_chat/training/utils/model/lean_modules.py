@@ -139,6 +139,12 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
 
 
+def apply_rotary(x, cos, sin, unsqueeze_dim=1):
+    """The rotary embedding of one tensor (B, heads, T, D) with cos/sin (B, T, D), as apply_rotary_pos_emb
+    gives it for q or k: for callers whose q and k cover different positions."""
+    return _Rotary.apply(x, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
