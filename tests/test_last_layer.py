@@ -1,6 +1,8 @@
 """The last decoder layer computed from a position on (utils/model/last_layer.py) against the full layer: the
 same outputs and gradients at the positions read, with left and right padding, grouped-query attention, SDPA
 and eager attention, a reward model's body; and nothing changed where it does not apply."""
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
@@ -32,7 +34,7 @@ def _batch(padded: bool):
 
 def _logits_and_grads(model, ids, mask, positions, start, pruned):
     model.zero_grad()
-    with (last_layer_from(model, start) if pruned else torch.enable_grad()):
+    with (last_layer_from(model, start) if pruned else contextlib.nullcontext()):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     suffix = logits[:, start:]                                         # the only positions a reader may use
     (suffix * torch.linspace(-1, 1, suffix.size(-1))).sum().backward()

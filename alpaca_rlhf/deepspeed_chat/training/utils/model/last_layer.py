@@ -47,13 +47,18 @@ def _decoder_layers(model: nn.Module):
     return getattr(model, "layers", None)
 
 
+def _last_layer(model: nn.Module):
+    """The last decoder layer of `model`, or None when it has no decoder layers."""
+    layers = _decoder_layers(model)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
 def _prunable_layer(model: nn.Module):
     """The last decoder layer when it can run from a position on, else None."""
-    layers = _decoder_layers(model)
-    if LlamaDecoderLayer is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    layer = _last_layer(model)
+    if LlamaDecoderLayer is None or type(layer) is not LlamaDecoderLayer:
         return None
-    layer = layers[-1]
-    if type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention:
+    if type(layer.self_attn) is not LlamaAttention:
         return None
     if layer.gradient_checkpointing and layer.training:  # the checkpointing wrapper is the class's forward
         return None
@@ -68,7 +73,7 @@ def _forward_from(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=
                   past_key_values=None, use_cache=False, position_embeddings=None, start: int = 0, **kwargs):
     """LlamaDecoderLayer.forward computing the positions start .. T - 1 only (queries, o_proj, MLP); positions
     before start are returned as they came in. hidden_states (B, T, H)."""
-    if past_key_values is not None or start <= 0:
+    if past_key_values is not None:  # a cache wants every position's layer output for the steps after
         return LlamaDecoderLayer.forward(layer, hidden_states, attention_mask, position_ids, past_key_values,
                                          use_cache, position_embeddings, **kwargs)
     attn = layer.self_attn
@@ -115,8 +120,8 @@ def last_layer_from(model: nn.Module, start: int):
 def active_start(model: nn.Module) -> int:
     """The position the last decoder layer of `model` runs from now (inside `last_layer_from`), else 0
     (for FLOP meters)."""
-    layers = _decoder_layers(model)
-    forward = layers[-1].__dict__.get("forward") if isinstance(layers, nn.ModuleList) and len(layers) else None
+    layer = _last_layer(model)
+    forward = layer.__dict__.get("forward") if layer is not None else None
     if isinstance(forward, functools.partial) and forward.func is _forward_from:
         return forward.keywords["start"]
     return 0
