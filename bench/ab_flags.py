@@ -34,6 +34,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=pt.THREADS)
     p.add_argument("--a_checkout", default=None, metavar="DIR",
                    help="Run A with the bench/ppo_throughput.py (and so the trainer) of this repository checkout.")
+    p.add_argument("--a_stock_blas", action="store_true",
+                   help="Run A on torch's MKL as it comes (ppo_throughput.py --stock_blas): what the correction of "
+                        "MKL's kernel choice on AMD processors buys (alpaca_rlhf/cpu_blas.py).")
     args = p.parse_args(argv)
     actor_dir, critic_dir = pt.prepare_models(args.preset)
     work = tempfile.mkdtemp(prefix="ab-flags-")
@@ -44,13 +47,16 @@ def main(argv=None):
                                  "ppo_throughput.py"), "B": os.path.join(BENCH_DIR, "ppo_throughput.py")}
     if not os.path.exists(scripts["A"]):
         p.error(f"--a_checkout: {scripts['A']} does not exist")
-    print(f"A: {args.a or '(reference setting)'}{' from ' + args.a_checkout if args.a_checkout else ''}\n"
+    print(f"A: {args.a or '(reference setting)'}{' from ' + args.a_checkout if args.a_checkout else ''}"
+          f"{' on stock MKL' if args.a_stock_blas else ''}\n"
           f"B: {args.b or '(reference setting)'}\nlogs in {work}", flush=True)
     cmds = {}
     for name, flags in (("A", args.a), ("B", args.b)):
         cmd = [sys.executable, scripts[name], *common, "--output_json", os.path.join(work, f"{name}.json")]
         if flags:  # (an older checkout's script may not know the flag)
             cmd.append(f"--trainer_args={flags}")
+        if name == "A" and args.a_stock_blas:
+            cmd.append("--stock_blas")
         cmds[name] = (cmd, os.path.join(work, f"{name}.log"))
 
     def describe(i, times, warm):

@@ -208,6 +208,7 @@ def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, see
 
 def worker_main(args):
     pt.set_threads(args.threads)
+    blas = pt.blas_setup(stock=args.trl_stock_blas)  # before TRL (and so torch) loads
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     gate = pt.Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_trl(args.model, args.critic_model, args.lora, args.iterations, args.warmup, args.seed, args.threads,
@@ -216,6 +217,7 @@ def worker_main(args):
                "iterations": args.iterations, "seed": args.seed}
     report = pt.build_report("TRL", setting, run)
     report["trl_version"] = run["trl_version"]
+    report["blas"] = pt.blas_status(blas)
     with open(args._output, "w") as f:
         json.dump(report, f, indent=1)
 
@@ -299,7 +301,8 @@ def run_round(r, args, common, work):
     outs = {name: os.path.join(work, f"round{r}-{name}.json") for name in ("ours", "TRL")}
     cmds = {"ours": [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), *common, "--quiet",
                      "--no_matmul", "--output_json", outs["ours"]],
-            "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"]]}
+            "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"]]
+            + (["--trl_stock_blas"] if args.trl_stock_blas else [])}
 
     def describe(i, times, warm):
         tag = " (warm-up)" if warm else f"  ratio {times['TRL'][-1] / times['ours'][-1]:.2f}"
@@ -366,6 +369,8 @@ def driver_main(args):
           f"{' + LoRA' if args.lora else ''}, {pt.PROMPTS_PER_ITERATION} prompts x ({pt.PROMPT_LEN} + "
           f"{pt.ANSWER_LEN} tokens), fp32, {args.threads} threads, {len(pairs)} lock-step iteration pairs "
           f"({args.rounds} round(s)) ==")
+    for name in ("ours", "TRL"):
+        print(f"  BLAS, {name}: {results[name][-1].get('blas', '?')}")
     width = max(len(k) for k, _ in rows)
     print(f"  {'':<{width}}  {'ours':>14}  {'TRL':>14}")
     for label, fmt in rows:
@@ -394,6 +399,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=pt.SEED)
     p.add_argument("--threads", type=int, default=pt.THREADS)
     p.add_argument("--output_json", default=None, help="Write every block's results and the summary here.")
+    p.add_argument("--trl_stock_blas", action="store_true",
+                   help="Run TRL on torch's MKL as it comes. By default its process gets the same correction of "
+                        "MKL's kernel choice on AMD processors as ours (alpaca_rlhf/cpu_blas.py), so the ratio "
+                        "compares the trainers, not the BLAS; with this flag it shows what a TRL user gets out of "
+                        "the box. No difference on Intel processors.")
     p.add_argument("--_worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--_output", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)

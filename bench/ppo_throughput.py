@@ -133,6 +133,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def blas_setup(stock: bool = False) -> str:
+    """Before torch loads: `import alpaca_rlhf` corrects MKL's kernel choice on AMD processors (its cpu_blas.py),
+    as every entry point of ours does; `stock` leaves torch's MKL as it comes. Returns which it was."""
+    if stock:
+        os.environ["ALPACA_RLHF_MKL_VENDOR_FIX"] = "0"
+    if REPO_DIR not in sys.path:
+        sys.path.insert(0, REPO_DIR)
+    import alpaca_rlhf  # noqa: F401  (applies it, once per process)
+    return "stock" if stock else "corrected"
+
+
+def blas_status(setup: str) -> str:
+    """One line: what blas_setup asked for and what happened (cpu_blas.describe())."""
+    from alpaca_rlhf import cpu_blas
+    return f"{setup}: {cpu_blas.describe()}"
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 8):
     """fp32 torch.matmul of two n x n matrices with the current thread count: (best, median) GFLOP/s."""
     import torch
@@ -636,6 +653,8 @@ def print_report(r: dict):
     ]
     if "optimizer" in r:
         rows.append(("optimizer", r["optimizer"]))
+    if "blas" in r:
+        rows.append(("BLAS", r["blas"]))
     if "init_s" in r:
         rows.append(("start-up (not timed above)", f"world init {r['init_s']:.1f} s, engines {r['setup_s']:.1f} s"))
     if "n_params" in r:
@@ -695,6 +714,10 @@ def main(argv=None):
                    help="More step-3 flags for our trainer, appended to the reference setting's, e.g. "
                         "--trainer_args='--recompute_actor_forward' "
                         "(bench/ab_flags.py compares two such runs interleaved).")
+    p.add_argument("--stock_blas", action="store_true",
+                   help="Leave torch's MKL as it comes instead of correcting its kernel choice on AMD processors "
+                        "(alpaca_rlhf/cpu_blas.py, on in every entry point of ours): what the correction buys "
+                        "(bench/ab_flags.py --a_stock_blas). No difference on Intel processors.")
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)  # lock-step worker of compare_trl.py
     p.add_argument("--_res_fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_export_reward", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -707,6 +730,7 @@ def main(argv=None):
     set_threads(args.threads)
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
+    blas = blas_setup(stock=args.stock_blas)
     actor_dir, critic_dir = prepare_models(args.preset, args.model, args.critic_model)
     setting = {"preset": args.preset, "lora": args.lora, "model": actor_dir, "critic_model": critic_dir,
                "prompts": PROMPTS_PER_ITERATION, "prompt_len": PROMPT_LEN, "answer_len": ANSWER_LEN,
@@ -720,6 +744,7 @@ def main(argv=None):
     matmul = None if args.no_matmul else matmul_gflops()
     formula = formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora)
     report = build_report("ours", setting, run, matmul, formula)
+    report["blas"] = blas_status(blas)
     if not args.quiet:
         print_report(report)
     if args.output_json:

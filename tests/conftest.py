@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import alpaca_rlhf  # noqa: F401  before any test loads torch, as the entry points do (alpaca_rlhf/cpu_blas.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATA = os.path.join(REPO, "data", "demo")
 STEP1 = "alpaca_rlhf/deepspeed_chat/training/step1_supervised_finetuning/main.py"

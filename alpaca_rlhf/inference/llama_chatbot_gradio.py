@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a private model server
 
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
 import gradio as gr  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError  # noqa: E402

@@ -16,6 +16,7 @@ import sys
 if __package__ in (None, ""):  # started as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 4)))
 
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli

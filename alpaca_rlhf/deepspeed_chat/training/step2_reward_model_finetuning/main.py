@@ -15,6 +15,7 @@ import sys
 if __package__ in (None, ""):  # started as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 4)))
 
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorReward, supervised_loaders
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run

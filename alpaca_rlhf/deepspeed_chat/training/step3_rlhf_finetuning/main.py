@@ -14,10 +14,11 @@ import json
 import os
 import sys
 
-import torch
-
 if __package__ in (None, ""):  # started as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 4)))
+
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
+import torch  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import PPOTrainer

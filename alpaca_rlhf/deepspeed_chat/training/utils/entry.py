@@ -3,6 +3,8 @@ import os
 import sys
 from typing import Callable
 
+from alpaca_rlhf import cpu_blas
+
 from .args import check_batch_args
 from .distributed import DistInfo, init_distributed
 from .ds_utils import resolve_dtype
@@ -18,6 +20,8 @@ def start_run(args) -> DistInfo:
     set_random_seed(args.seed)
     print_rank_0(f"world size {dist.world_size}, device {dist.device}, dtype {args.dtype}, "
                  f"global batch {args.global_train_batch_size}")
+    if dist.device.type == "cpu":
+        print_rank_0(cpu_blas.describe())
     return dist
 
 
