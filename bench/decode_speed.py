@@ -11,12 +11,12 @@ import statistics
 import sys
 import time
 
-import torch
-
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_DIR not in sys.path:
     sys.path.insert(0, REPO_DIR)
 
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample  # noqa: E402

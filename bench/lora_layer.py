@@ -13,12 +13,13 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_DIR not in sys.path:
     sys.path.insert(0, REPO_DIR)
+
+import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.utils.host_memory import keep_freed_host_memory  # noqa: E402
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import LoRALinear  # noqa: E402
