@@ -132,6 +132,14 @@ def test_inverse_cdf_sampling_matches_the_softmax_and_never_draws_filtered_token
     assert torch.allclose(counts, expected, atol=0.01), (counts, expected)
 
 
+def test_inverse_cdf_sampling_when_the_uniform_draw_reaches_the_total(monkeypatch):
+    """u = 1 * total (what rounding can give): the search runs past the end; the last drawable token is taken,
+    never a filtered one or an index out of range."""
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [0.0, 1.0, 2.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, **kw))
+    assert sample_from_logits(logits).tolist() == [1, 2]
+
+
 def test_lean_decoder_applies_fused_lora_like_the_adapters():
     """With LoRA fused (as during rollouts) the lean step must give what the unfused adapters give."""
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
