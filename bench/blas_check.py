@@ -17,10 +17,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, BENCH_DIR)
+
+import ppo_throughput as pt  # noqa: E402  (stdlib-only at import time)
 
 # (label, M, K, N): an (M x K) @ (K x N) product
 PRODUCTS = [("matmul 2048^2", 2048, 2048, 2048),
@@ -32,26 +33,14 @@ PRODUCTS = [("matmul 2048^2", 2048, 2048, 2048),
 
 
 def worker(stock: bool, threads: int, repeats: int) -> dict:
-    os.environ["ALPACA_RLHF_MKL_VENDOR_FIX"] = "0" if stock else "1"
-    sys.path.insert(0, REPO_DIR)
-    import alpaca_rlhf  # noqa: F401  (before torch)
+    pt.blas_setup(stock=stock)  # before torch loads
     import torch
     from alpaca_rlhf import cpu_blas
     torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
     out = {"status": cpu_blas.describe(), "gflops": {}}
     for label, m, k, n in PRODUCTS:
-        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-        c = torch.empty(m, n)
         reps = repeats * max(1, int(2e9 // (2 * m * k * n)))  # about the same time per product
-        for _ in range(3):
-            torch.mm(a, b, out=c)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            times.append(time.perf_counter() - t0)
-        out["gflops"][label] = 2.0 * m * k * n / statistics.median(times) / 1e9
+        out["gflops"][label] = pt.product_gflops(m, k, n, reps)[1]  # the median
     return out
 
 

@@ -136,8 +136,7 @@ def peak_rss_mib() -> float:
 def blas_setup(stock: bool = False) -> str:
     """Before torch loads: `import alpaca_rlhf` corrects MKL's kernel choice on AMD processors (its cpu_blas.py),
     as every entry point of ours does; `stock` leaves torch's MKL as it comes. Returns which it was."""
-    if stock:
-        os.environ["ALPACA_RLHF_MKL_VENDOR_FIX"] = "0"
+    os.environ["ALPACA_RLHF_MKL_VENDOR_FIX"] = "0" if stock else "1"  # the flag decides, not the environment
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     import alpaca_rlhf  # noqa: F401  (applies it, once per process)
@@ -150,20 +149,26 @@ def blas_status(setup: str) -> str:
     return f"{setup}: {cpu_blas.describe()}"
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 8):
-    """fp32 torch.matmul of two n x n matrices with the current thread count: (best, median) GFLOP/s."""
+def product_gflops(m: int, k: int, n: int, repeats: int = 8):
+    """fp32 (m x k) @ (k x n) with the current thread count, timed `repeats` times after one untimed run:
+    (best, median) GFLOP/s."""
     import torch
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
-    c = torch.empty(n, n)
-    torch.matmul(a, b, out=c)
+    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+    c = torch.empty(m, n)
+    torch.mm(a, b, out=c)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
+        torch.mm(a, b, out=c)
         times.append(time.perf_counter() - t0)
-    flops = 2.0 * n ** 3
+    flops = 2.0 * m * k * n
     return flops / min(times) / 1e9, flops / statistics.median(times) / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 8):
+    """The machine's matmul rate: an n x n fp32 product, (best, median) GFLOP/s."""
+    return product_gflops(n, n, n, repeats)
 
 
 def _is_lora_name(name: str) -> bool:
