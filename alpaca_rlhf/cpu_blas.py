@@ -2,8 +2,8 @@
 
 Why: PyTorch's x86-64 wheels link Intel MKL for fp32 matrix products on the CPU (linear layers forward and
 backward, the batched products inside attention, the rollouts' packed decode projections). MKL chooses its
-kernels by the processor's vendor as well as by its instruction set: on an AMD processor it runs its AVX2
-kernels even where the processor has AVX-512 (Zen 4, Zen 5). Measured on the project's 2-core AMD EPYC
+kernels by the processor's vendor as well as by its instruction set: on an AMD processor it runs a generic
+branch at about AVX2 speed even where the processor has AVX-512 (Zen 4, Zen 5). Measured on the project's 2-core AMD EPYC
 (Zen 5) machine with `bench/blas_check.py --rounds 3`: a (2032 x 512) @ (512 x 1536) fp32 product, as in the PPO
 passes of the `small` benchmark model, ran at 161 GFLOP/s, and at 394 GFLOP/s with this correction (2.1-2.5x
 over the training shapes, 3.8x for 16-row decode products).

@@ -35,9 +35,8 @@ PRODUCTS = [("matmul 2048^2", 2048, 2048, 2048),
 def worker(stock: bool, threads: int, repeats: int) -> dict:
     pt.blas_setup(stock=stock)  # before torch loads
     import torch
-    from alpaca_rlhf import cpu_blas
     torch.set_num_threads(threads)
-    out = {"status": cpu_blas.describe(), "gflops": {}}
+    out = {"status": pt.blas_status(), "gflops": {}}
     for label, m, k, n in PRODUCTS:
         reps = repeats * max(1, int(2e9 // (2 * m * k * n)))  # about the same time per product
         out["gflops"][label] = pt.product_gflops(m, k, n, reps)[1]  # the median
@@ -48,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="Worker pairs, alternating which goes first. Default 3.")
     p.add_argument("--threads", type=int, default=2, help="Threads per worker. Default 2.")
-    p.add_argument("--repeats", type=int, default=5, help="Timed repeats per product (scaled up for small ones).")
+    p.add_argument("--repeats", type=int, default=5, help="Timed repeats per product (scaled up for small ones). Default 5.")
     p.add_argument("--_worker", choices=["stock", "corrected"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:

@@ -208,7 +208,7 @@ def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, see
 
 def worker_main(args):
     pt.set_threads(args.threads)
-    blas = pt.blas_setup(stock=args.trl_stock_blas)  # before TRL (and so torch) loads
+    pt.blas_setup(stock=args.trl_stock_blas)  # before TRL (and so torch) loads
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     gate = pt.Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_trl(args.model, args.critic_model, args.lora, args.iterations, args.warmup, args.seed, args.threads,
@@ -217,7 +217,7 @@ def worker_main(args):
                "iterations": args.iterations, "seed": args.seed}
     report = pt.build_report("TRL", setting, run)
     report["trl_version"] = run["trl_version"]
-    report["blas"] = pt.blas_status(blas)
+    report["blas"] = pt.blas_status()
     with open(args._output, "w") as f:
         json.dump(report, f, indent=1)
 

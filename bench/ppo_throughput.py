@@ -133,20 +133,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def blas_setup(stock: bool = False) -> str:
+def blas_setup(stock: bool = False) -> None:
     """Before torch loads: `import alpaca_rlhf` corrects MKL's kernel choice on AMD processors (its cpu_blas.py),
-    as every entry point of ours does; `stock` leaves torch's MKL as it comes. Returns which it was."""
+    as every entry point of ours does; `stock` leaves torch's MKL as it comes. blas_status() says which it was."""
     os.environ["ALPACA_RLHF_MKL_VENDOR_FIX"] = "0" if stock else "1"  # the flag decides, not the environment
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     import alpaca_rlhf  # noqa: F401  (applies it, once per process)
-    return "stock" if stock else "corrected"
 
 
-def blas_status(setup: str) -> str:
-    """One line: what blas_setup asked for and what happened (cpu_blas.describe())."""
+def blas_status() -> str:
+    """One line: what the correction did in this process (cpu_blas.describe())."""
     from alpaca_rlhf import cpu_blas
-    return f"{setup}: {cpu_blas.describe()}"
+    return cpu_blas.describe()
 
 
 def product_gflops(m: int, k: int, n: int, repeats: int = 8):
@@ -733,9 +732,7 @@ def main(argv=None):
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
     set_threads(args.threads)
-    if REPO_DIR not in sys.path:
-        sys.path.insert(0, REPO_DIR)
-    blas = blas_setup(stock=args.stock_blas)
+    blas_setup(stock=args.stock_blas)  # (puts the repository on sys.path too)
     actor_dir, critic_dir = prepare_models(args.preset, args.model, args.critic_model)
     setting = {"preset": args.preset, "lora": args.lora, "model": actor_dir, "critic_model": critic_dir,
                "prompts": PROMPTS_PER_ITERATION, "prompt_len": PROMPT_LEN, "answer_len": ANSWER_LEN,
@@ -749,7 +746,7 @@ def main(argv=None):
     matmul = None if args.no_matmul else matmul_gflops()
     formula = formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora)
     report = build_report("ours", setting, run, matmul, formula)
-    report["blas"] = blas_status(blas)
+    report["blas"] = blas_status()
     if not args.quiet:
         print_report(report)
     if args.output_json:

@@ -41,8 +41,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if REPO not in sys.path:  # started as a script: make the repository importable
     sys.path.insert(0, REPO)
 
-# both sides' workers: MKL's kernel choice corrected on AMD processors before torch loads (alpaca_rlhf/cpu_blas.py)
-import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
+import alpaca_rlhf  # noqa: F401,E402  (before torch, in both sides' workers: MKL's kernel choice, cpu_blas.py)
 
 # Step 1's defaults (step1_supervised_finetuning/main.py, utils/args.py, utils/ds_utils.py): both sides use them.
 LEARNING_RATE = 1e-3
