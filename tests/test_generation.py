@@ -157,3 +157,65 @@ def test_lean_decoder_applies_fused_lora_like_the_adapters():
         torch.manual_seed(3)
         fused, _ = sample(model, ids, torch.ones_like(ids), 10, eos_token_id=5, pad_token_id=0, lean_decode=True)
     assert torch.equal(fused, unfused)
+
+
+def test_a_row_with_nonfinite_logits_is_flagged_and_the_other_rows_draw_as_before():
+    """NaN logits in one row (from the third step on): the sampler reports it, that row goes on with uniform draws
+    over the vocabulary, and the healthy rows draw exactly the tokens they draw without it (one uniform number
+    per row, so their draws do not depend on the bad row)."""
+    model = _gqa_llama()
+    ids = torch.randint(3, 300, (3, 6))
+    calls = []
+
+    def poison_row_1(module, args, out):
+        calls.append(1)
+        if len(calls) >= 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    runs = []
+    for poisoned in (False, True):
+        handle = model.lm_head.register_forward_hook(poison_row_1) if poisoned else None
+        torch.manual_seed(5)
+        runs.append(sample(model, ids, torch.ones_like(ids), 8, eos_token_id=-1, pad_token_id=0, lean_decode=False))
+        if handle is not None:
+            handle.remove()
+    (clean, clean_flag), (dirty, dirty_flag) = runs
+    assert not clean_flag and dirty_flag
+    assert torch.equal(dirty[[0, 2]], clean[[0, 2]])
+    answer = dirty[1, 6:]
+    assert torch.equal(dirty[1, :8], clean[1, :8])            # the prompt and the two steps before the NaNs
+    assert ((answer >= 0) & (answer < 300)).all()
+
+
+def test_signed_sin_roll_is_rotate_half_bit_for_bit():
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import _signed_sin
+    torch.manual_seed(0)
+    x, sin = torch.randn(3, 5, 1, 16), torch.randn(3, 1, 1, 16)
+    assert torch.equal(x.roll(8, -1) * _signed_sin(sin), rotate_half(x) * sin)
+
+
+def test_lean_decoder_rotary_table_equals_the_rotary_module_per_step():
+    """The cos/sin table built once per rollout gives the same logits, bit for bit, as the model's rotary module
+    called in every step (the path kept for length-dependent rotary types)."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    model = _gqa_llama()
+    ids = torch.randint(3, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    with torch.no_grad():
+        for table in (True, False):
+            prefix = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], use_cache=True)
+            decoder = LlamaDecoder.for_model(model, 2)
+            decoder.load_prefill(prefix.past_key_values, 4)
+            assert decoder.rope is not None
+            if not table:
+                decoder.rope = None
+            logits.append(torch.stack([decoder.step(ids[:, t], pos[:, t:t + 1], mask[:, :t + 1].bool())
+                                       for t in range(5, 9)]))
+    assert torch.equal(logits[0], logits[1])

@@ -68,7 +68,10 @@ class _ReplayedLinear(torch.autograd.Function):
 def _qualifies(model: nn.Module) -> bool:
     if not LlamaDecoder.qualifies(model):
         return False
-    if getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)   # transformers 5's name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         return False
     if getattr(model.config, "hidden_act", None) != "silu":
         return False

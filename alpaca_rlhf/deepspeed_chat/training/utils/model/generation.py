@@ -91,10 +91,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     generated, nonfinite = [], False
     for step in range(max_new_tokens):
         logits = logits.float()
-        bad_rows = ~torch.isfinite(logits).all(-1)
-        if bad_rows.any():
-            nonfinite = True
-            logits = torch.where(bad_rows.unsqueeze(-1), torch.zeros_like(logits), logits)
+        # one reduction decides whether to look further (a NaN or an infinity anywhere makes the sum non-finite);
+        # the per-row test was five small operators on every step
+        if not torch.isfinite(logits.sum()):
+            bad_rows = ~torch.isfinite(logits).all(-1)
+            if bad_rows.any():
+                nonfinite = True
+                logits = torch.where(bad_rows.unsqueeze(-1), torch.zeros_like(logits), logits)
         if step == 0 and suppress_eos_first:
             logits[:, eos_token_id] = float("-inf")
         if do_sample:
@@ -104,12 +107,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             token = sample_from_logits(logits)
         else:
             token = logits.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        token = token.masked_fill(finished, pad_token_id)
         generated.append(token)
-        finished |= token == eos_token_id
+        is_eos = token == eos_token_id
+        finished |= is_eos
         if _all_ranks_done(bool(finished.all()), device, synced) or step == max_new_tokens - 1:
             break
-        attend[:, P + step] = ~finished | (token == eos_token_id)  # the EOS itself is seen, the padding after not
+        attend[:, P + step] = ~finished | is_eos  # the EOS itself is seen, the padding after it not
         seen = attend[:, :P + step + 1]
         if decoder is not None:
             logits = decoder.step(token, next_pos, seen)

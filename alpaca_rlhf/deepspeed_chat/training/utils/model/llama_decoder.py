@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..module.lora import LoRALinear
 
 try:  # the class names are stable across transformers 4.4x and 5.x
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, rotate_half
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 except ImportError:  # pragma: no cover - transformers without LLaMA
     LlamaForCausalLM = None
 
@@ -102,6 +102,13 @@ def _group_projection(modules, rows: int) -> _Projection:
     return _Projection(torch.cat(weights), bias, rows)
 
 
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, so that x.roll(D / 2) * signed sin == rotate_half(x) * sin bit for bit (the
+    same products with the sign moved from one factor to the other): one roll instead of LLaMA's neg and cat."""
+    h = sin.size(-1) // 2
+    return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
+
+
 def _partitioned(model: nn.Module) -> bool:
     """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -145,6 +152,7 @@ class LlamaDecoder:
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.length = 0  # positions filled in the buffers
+        self.rope: Optional[torch.Tensor] = None  # (positions, 2, D): cos and signed sin, see load_prefill
         self.recording = None  # a forward_replay.ForwardRecording that keeps every projection's output
 
     def load_prefill(self, cache, max_new_tokens: int) -> None:
@@ -164,6 +172,19 @@ class LlamaDecoder:
             self.keys.append(kb)
             self.values.append(vb)
         self.length = P
+        self.rope = self._rotary_table(P + max_new_tokens, kb)
+
+    def _rotary_table(self, positions: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """(positions, 2, D): the model's rotary cos and signed sin (`_signed_sin`) for positions 0 .. positions - 1,
+        computed once per rollout instead of by the model's rotary module in every step (~8 small operators).
+        None where the rotary frequencies depend on the length reached so far (dynamic NTK, LongRoPE): those
+        keep the module per step."""
+        rope_type = getattr(self.model.model.rotary_emb, "rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            return None
+        ids = torch.arange(positions, device=like.device).unsqueeze(0)                # (1, positions)
+        cos, sin = self.model.model.rotary_emb(like, ids)                              # (1, positions, D) each
+        return torch.stack([cos[0], _signed_sin(sin[0])], dim=1).contiguous()
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,15 +195,19 @@ class LlamaDecoder:
         return norm(x)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """One decode step. tokens (B,) the newest tokens, positions (B, 1) their position ids, attend (B, T) bool
-        with T = filled length + 1: which cached positions (and the new one, last) each row may see.
-        Returns logits (B, V) for the token after."""
+        """One decode step. tokens (B,) the newest tokens, positions (B, 1) their position ids (below the prompt
+        length + max_new_tokens given to load_prefill), attend (B, T) bool with T = filled length + 1: which cached
+        positions (and the new one, last) each row may see. Returns logits (B, V) for the token after."""
         model, t = self.model.model, self.length
         B = tokens.size(0)
         nh, nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = model.embed_tokens(tokens.unsqueeze(1))                      # (B, 1, H)
-        cos, sin = model.rotary_emb(x, positions)                        # (B, 1, D) each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                    # (B, 1, 1, D): broadcast over heads
+        if self.rope is not None:
+            rope = self.rope.index_select(0, positions.view(-1))         # (B, 2, D): cos, signed sin per row
+            cos, sin = rope[:, None, 0:1], rope[:, None, 1:2]            # (B, 1, 1, D): broadcast over heads
+        else:
+            cos, sin = model.rotary_emb(x, positions)                    # (B, 1, D) each
+            cos, sin = cos.unsqueeze(1), _signed_sin(sin).unsqueeze(1)
         mask = attend[:, None, None, :]                                  # (B, 1, 1, T)
         rec = self.recording
         for i, layer in enumerate(model.layers):
@@ -191,7 +216,7 @@ class LlamaDecoder:
             qkv = w["qkv"](h)                                            # (B, 1, (nh + 2 nkv) D)
             # q and k sit side by side in qkv: one rotary pass over both, (B, nh + nkv, 1, D)
             qk = qkv[..., :(nh + nkv) * D].view(B, nh + nkv, 1, D)
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(D // 2, -1) * sin                    # = qk cos + rotate_half(qk) sin, exactly
             self.keys[i][:, :, t:t + 1] = qk[:, nh:]                     # write position t in place
             self.values[i][:, :, t:t + 1] = qkv[..., (nh + nkv) * D:].view(B, nkv, 1, D)
             # grouped-query heads read their shared key/value head without the copy repeat_kv makes
