@@ -5,12 +5,14 @@ them rebuilds the 4-D attention mask, concatenates every layer's growing KV cach
 token) and goes through a dozen module calls with keyword dispatch per layer. This step reads the same weights,
 keeps keys and values in buffers allocated once per rollout, writes the new position in place and runs each
 layer as few tensor operations: four matmuls (q, k, v stacked; o; gate and up stacked; down), one rotary pass
-over q and k together, the fused attention and RMSNorm kernels. The prompt itself still goes through the model's
-own forward (one call), whose cache is copied into the buffers. Measured with bench/decode_speed.py (16 x 64
-sampled tokens after 64-token prompts, 2 CPU threads, same sampler): 1.38x faster rollouts than through the
-transformers forward on the `small` benchmark model, 1.39x on `tiny`, token for token the same samples
-(tests/test_generation.py). What is left is mostly the matmuls themselves: with 16 rows they stream the weights
-from memory (~17 GB/s here).
+over q and k together with cos/sin from a table built once per rollout, the fused attention and RMSNorm kernels.
+The prompt itself still goes through the model's own forward (one call), whose cache is copied into the buffers.
+Measured with bench/decode_speed.py (16 x 64 sampled tokens after 64-token prompts, 2 CPU threads, same
+sampler, Intel development machine): 1.40x faster rollouts than through the transformers forward on the `small`
+benchmark model, 1.51x on `tiny`, token for token the same samples (tests/test_generation.py). What is left is
+memory traffic and operator count: with 16 rows a step streams every weight and the keys and values (on `tiny`
+~1.25 ms of a 2.4 ms step), and each of the ~60 other small operators costs 25-45 us there, the caches having
+been flushed by that stream (bench/RESULTS.md).
 
 Only plain LLaMA qualifies (`LlamaForCausalLM` with its own attention and MLP, LoRA fused or absent, weights not
 partitioned by ZeRO-3); everything else keeps the transformers path (`LlamaDecoder.for_model` returns None).
