@@ -219,3 +219,31 @@ def test_lean_decoder_rotary_table_equals_the_rotary_module_per_step():
             logits.append(torch.stack([decoder.step(ids[:, t], pos[:, t:t + 1], mask[:, :t + 1].bool())
                                        for t in range(5, 9)]))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_lean_decoder_keeps_the_rotary_module_for_length_dependent_rotary():
+    """Dynamic NTK rotary changes its frequencies as the sequence grows past max_position_embeddings: no table, and
+    the step follows the transformers forward with its cache (which also keeps the keys as they were rotated)
+    while the positions run past that length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 300, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :6], position_ids=pos[:, :6], use_cache=True)
+        decoder = LlamaDecoder.for_model(model, 2)
+        decoder.load_prefill(prefix.past_key_values, 6)
+        assert decoder.rope is None
+        cache = model(input_ids=ids[:, :6], position_ids=pos[:, :6], use_cache=True).past_key_values
+        for t in range(6, 12):
+            logits = decoder.step(ids[:, t], pos[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.bool))
+            out = model(input_ids=ids[:, t:t + 1], position_ids=pos[:, t:t + 1], past_key_values=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-5)
