@@ -155,9 +155,9 @@ def settle_heap_for_profiling(megabytes: int = 1024) -> str:
     land on fresh pages, and each first touch is a page fault charged to the operator writing the tensor: on
     `tiny` the profile showed aten::silu_backward at 9.3 ms a call against 1.0 ms unprofiled. With this the
     operators' outputs reuse touched pages (silu_backward 0.8 ms a call in the profile); the ~20 thousand faults
-    still counted on that iteration's line are the profiler's own records. The measured iterations do not
-    change with these settings (five variants, three interleaved runs each, within the machine's drift), and
-    they come after every measured iteration. glibc only; returns what it did."""
+    still counted on that iteration's line are the profiler's own records. The settings would not change the
+    measured iterations either (five variants, three interleaved runs each, within the machine's drift), but
+    they are applied only after the last of them. glibc only; returns what it did."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -170,10 +170,9 @@ def settle_heap_for_profiling(megabytes: int = 1024) -> str:
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     block = 16 << 20
-    blocks = [libc.malloc(block) for _ in range(max(1, megabytes // 16))]
+    blocks = [b for b in (libc.malloc(block) for _ in range(max(1, megabytes // 16))) if b]
     for b in blocks:
-        if b:
-            ctypes.memset(b, 0, block)  # the first touch, paid here instead of inside the profile
+        ctypes.memset(b, 0, block)  # the first touch, paid here instead of inside the profile
     for b in blocks:
         libc.free(b)
     return f"heap settled: {len(blocks) * 16} MiB touched and kept"

@@ -184,9 +184,8 @@ def test_a_row_with_nonfinite_logits_is_flagged_and_the_other_rows_draw_as_befor
     (clean, clean_flag), (dirty, dirty_flag) = runs
     assert not clean_flag and dirty_flag
     assert torch.equal(dirty[[0, 2]], clean[[0, 2]])
-    answer = dirty[1, 6:]
     assert torch.equal(dirty[1, :8], clean[1, :8])            # the prompt and the two steps before the NaNs
-    assert ((answer >= 0) & (answer < 300)).all()
+    assert ((dirty[1, 8:] >= 0) & (dirty[1, 8:] < 300)).all()  # uniform draws from the vocabulary afterwards
 
 
 def test_signed_sin_roll_is_rotate_half_bit_for_bit():
@@ -240,7 +239,7 @@ def test_lean_decoder_keeps_the_rotary_module_for_length_dependent_rotary():
         decoder = LlamaDecoder.for_model(model, 2)
         decoder.load_prefill(prefix.past_key_values, 6)
         assert decoder.rope is None
-        cache = model(input_ids=ids[:, :6], position_ids=pos[:, :6], use_cache=True).past_key_values
+        cache = prefix.past_key_values  # load_prefill copied it: the transformers path may grow it in place
         for t in range(6, 12):
             logits = decoder.step(ids[:, t], pos[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.bool))
             out = model(input_ids=ids[:, t:t + 1], position_ids=pos[:, t:t + 1], past_key_values=cache,
