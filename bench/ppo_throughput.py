@@ -525,7 +525,8 @@ def attach_meter(engine, meter: PassMeter):
 
 
 def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
-             verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0, trainer_args=()):
+             verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0, profile_shapes: bool = False,
+             trainer_args=()):
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -570,7 +571,8 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
             profiler = None
             if profile_rows and i == total - 1:  # one extra iteration under torch.profiler, not measured
                 print(settle_heap_for_profiling())
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                  record_shapes=profile_shapes)
                 profiler.__enter__()
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
@@ -588,7 +590,13 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
             if profiler is not None:
                 profiler.__exit__(None, None, None)
                 print(f"profile of iteration {i} (operators by self CPU time; the profiler's overhead included):")
-                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows))
+                if profile_shapes:  # one row per operator and input shapes: which call sites cost what
+                    table = profiler.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_cpu_time_total", row_limit=profile_rows, max_name_column_width=40,
+                        max_shapes_column_width=90)
+                else:
+                    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows)
+                print(table)
             passes = meter.by_label()
             gen_s = timing.get("time/generate")
             if gen_s is None:
@@ -744,6 +752,9 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="Run one more, unmeasured iteration under torch.profiler and print its top ROWS "
                         "operators. Default 0.")
+    p.add_argument("--profile_shapes", action="store_true",
+                   help="With --profile: one row per operator and input shapes (e.g. the decode step's 16-row "
+                        "products apart from the training passes' 2032-row ones).")
     p.add_argument("--no_matmul", action="store_true", help="Skip the matmul-rate measurement (and FLOP/s fractions).")
     p.add_argument("--trainer_args", default="", metavar="'FLAGS'",
                    help="More step-3 flags for our trainer, appended to the reference setting's, e.g. "
@@ -762,6 +773,8 @@ def main(argv=None):
         return 0
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.profile_shapes and not args.profile:
+        p.error("--profile_shapes needs --profile ROWS (how many rows of the profile to print)")
     set_threads(args.threads)
     blas_setup(stock=args.stock_blas)  # (puts the repository on sys.path too)
     actor_dir, critic_dir = prepare_models(args.preset, args.model, args.critic_model)
@@ -772,6 +785,7 @@ def main(argv=None):
     gate = Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_ours(actor_dir, critic_dir, args.lora, args.iterations, args.warmup, args.seed, args.threads,
                    verbose=not args.quiet, gate=gate, profile_rows=args.profile,
+                   profile_shapes=args.profile_shapes,
                    trainer_args=shlex.split(args.trainer_args))
     # after the run: its buffers do not count in the peak memory above
     matmul = None if args.no_matmul else matmul_gflops()
