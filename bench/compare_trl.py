@@ -300,7 +300,8 @@ def run_round(r, args, common, work):
     """One lock-step round; returns ({framework: report}, [(ours s, TRL s) per measured iteration])."""
     outs = {name: os.path.join(work, f"round{r}-{name}.json") for name in ("ours", "TRL")}
     cmds = {"ours": [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), *common, "--quiet",
-                     "--no_matmul", "--output_json", outs["ours"]],
+                     "--no_matmul", "--output_json", outs["ours"]]
+            + ([f"--trainer_args={args.ours_args}"] if args.ours_args else []),
             "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"]]
             + (["--trl_stock_blas"] if args.trl_stock_blas else [])}
 
@@ -369,6 +370,8 @@ def driver_main(args):
           f"{' + LoRA' if args.lora else ''}, {pt.PROMPTS_PER_ITERATION} prompts x ({pt.PROMPT_LEN} + "
           f"{pt.ANSWER_LEN} tokens), fp32, {args.threads} threads, {len(pairs)} lock-step iteration pairs "
           f"({args.rounds} round(s)) ==")
+    if args.ours_args:
+        print(f"  ours with: {args.ours_args}")
     for name in ("ours", "TRL"):
         print(f"  BLAS, {name}: {results[name][-1].get('blas', '?')}")
     width = max(len(k) for k, _ in rows)
@@ -404,6 +407,9 @@ def main(argv=None):
                         "MKL's kernel choice on AMD processors as ours (alpaca_rlhf/cpu_blas.py), so the ratio "
                         "compares the trainers, not the BLAS; with this flag it shows what a TRL user gets out of "
                         "the box. No difference on Intel processors.")
+    p.add_argument("--ours_args", default="", metavar="'FLAGS'",
+                   help="More step-3 flags for our trainer (ppo_throughput.py --trainer_args), e.g. "
+                        "--ours_args=--compile_elementwise. Default none: the reference setting as it is.")
     p.add_argument("--_worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--_output", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ from .args import check_batch_args
 from .distributed import DistInfo, init_distributed
 from .ds_utils import resolve_dtype
 from .errors import UserError
+from .model.elementwise import compile_elementwise
 from .utils import print_rank_0, set_random_seed
 
 
@@ -18,6 +19,9 @@ def start_run(args) -> DistInfo:
     check_batch_args(args, dist.world_size)
     args.dtype = resolve_dtype(args.dtype)
     set_random_seed(args.seed)
+    if getattr(args, "compile_elementwise", False):
+        compile_elementwise()
+        print_rank_0("elementwise math (RMSNorm, SwiGLU, rotary): fused with torch.compile, compiled on first use")
     print_rank_0(f"world size {dist.world_size}, device {dist.device}, dtype {args.dtype}, "
                  f"global batch {args.global_train_batch_size}")
     if dist.device.type == "cpu":

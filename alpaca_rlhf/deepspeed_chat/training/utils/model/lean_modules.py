@@ -9,6 +9,7 @@ projection is a plain linear, its input silu(gate) * up is recomputed too. On th
 PPO holds the actor's and the critic's at once.
 
 Same numbers as the transformers modules (tests/test_lean_modules.py: outputs and gradients, fp32 and bf16).
+The elementwise math itself lives in elementwise.py, as pure functions that --compile_elementwise fuses.
 `use_lean_modules` switches LLaMA's own RMSNorm and MLP modules to them; other architectures are left as
 they are.
 """
@@ -17,6 +18,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .elementwise import kernels
 
 try:
     from transformers.models.llama import modeling_llama
@@ -30,21 +33,15 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)          # (..., 1)
+        y, rstd = kernels["rms_norm_forward"](x, weight, eps)              # rstd (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.float() * rstd                                            # the normalised input, recomputed
-        # weight: sum over every token of grad * x_hat (in x_hat's cast dtype, as autograd would)
-        d_weight = (grad * x_hat.to(x.dtype)).reshape(-1, x.size(-1)).sum(0).to(weight.dtype)
-        g = (grad * weight).float()                                         # d loss / d x_hat
-        # d x = (g - x_hat * mean(g * x_hat)) / rms   (the mean over the hidden dimension)
-        d_x = g.sub_(x_hat.mul_((g * x_hat).mean(-1, keepdim=True))).mul_(rstd)
-        return d_x.to(x.dtype), d_weight, None
+        d_x, d_weight = kernels["rms_norm_backward"](grad, x, weight, rstd)
+        return d_x, d_weight, None
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -53,14 +50,12 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return kernels["swiglu_forward"](gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        d_up = F.silu(gate).mul_(grad)
-        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return d_gate, d_up
+        return kernels["swiglu_backward"](grad, gate, up)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -74,42 +69,27 @@ class _SwiGLUDown(torch.autograd.Function):
         ctx.has_bias = bias is not None
         if output is not None:  # the projection's result is already known (forward_replay.py): no matmul
             return output
-        return F.linear(F.silu(gate) * up, weight, bias)
+        return F.linear(kernels["swiglu_forward"](gate, up), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
-        silu = F.silu(gate)
-        d_gate = d_up = d_weight = d_bias = None
-        if need_weight:                                                     # (out, in) = grad^T @ product
-            d_weight = grad.reshape(-1, grad.size(-1)).t() @ (silu * up).reshape(-1, up.size(-1))
-        if need_bias and ctx.has_bias:
-            d_bias = grad.reshape(-1, grad.size(-1)).sum(0)
+        grad_rows = grad.reshape(-1, grad.size(-1))                         # (tokens, out)
+        d_gate = d_up = d_weight = d_bias = product = None
         if need_gate or need_up:
             d_product = grad @ weight                                       # (..., intermediate)
-            d_gate = torch.ops.aten.silu_backward(d_product * up, gate) if need_gate else None
-            d_up = silu.mul_(d_product) if need_up else None
-        return d_gate, d_up, d_weight, d_bias, None
-
-
-def _rotate(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Rotary embedding on the two halves of the last dimension: (x1 c - x2 s, x2 c + x1 s), or the inverse
-    rotation (x1 c + x2 s, x2 c - x1 s). Each product is rounded before the sum, as in LLaMA's
-    q * cos + rotate_half(q) * sin, so the results are bit for bit the same."""
-    h = x.size(-1) // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos_half.shape[:-1] + (2 * h,)), dtype=x.dtype, device=x.device)
-    o1, o2 = out[..., :h], out[..., h:]
-    torch.mul(x1, cos_half, out=o1)
-    torch.mul(x2, cos_half, out=o2)
-    if inverse:
-        o1.add_(x2 * sin_half)
-        o2.sub_(x1 * sin_half)
-    else:
-        o1.sub_(x2 * sin_half)
-        o2.add_(x1 * sin_half)
-    return out
+            if need_weight:  # the product for the weight gradient comes out of the same pass
+                d_gate, d_up, product = kernels["swiglu_backward_with_product"](d_product, gate, up)
+            else:
+                d_gate, d_up = kernels["swiglu_backward"](d_product, gate, up)
+        if need_weight:                                                     # (out, in) = grad^T @ product
+            if product is None:
+                product = kernels["swiglu_forward"](gate, up)
+            d_weight = grad_rows.t() @ product.reshape(-1, product.size(-1))
+        if need_bias and ctx.has_bias:
+            d_bias = grad_rows.sum(0)
+        return d_gate if need_gate else None, d_up if need_up else None, d_weight, d_bias, None
 
 
 class _Rotary(torch.autograd.Function):
@@ -121,12 +101,12 @@ class _Rotary(torch.autograd.Function):
         h = x.size(-1) // 2
         cos_half, sin_half = cos[..., :h], sin[..., :h]
         ctx.save_for_backward(cos_half, sin_half)
-        return _rotate(x, cos_half, sin_half, inverse=False)
+        return kernels["rotate_halves"](x, cos_half, sin_half, False)
 
     @staticmethod
     def backward(ctx, grad):
         cos_half, sin_half = ctx.saved_tensors
-        return _rotate(grad, cos_half, sin_half, inverse=True), None, None
+        return kernels["rotate_halves"](grad, cos_half, sin_half, True), None, None
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
