@@ -590,13 +590,9 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
             if profiler is not None:
                 profiler.__exit__(None, None, None)
                 print(f"profile of iteration {i} (operators by self CPU time; the profiler's overhead included):")
-                if profile_shapes:  # one row per operator and input shapes: which call sites cost what
-                    table = profiler.key_averages(group_by_input_shape=True).table(
-                        sort_by="self_cpu_time_total", row_limit=profile_rows, max_name_column_width=40,
-                        max_shapes_column_width=90)
-                else:
-                    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows)
-                print(table)
+                # with profile_shapes one row per operator and input shapes: which call sites cost what
+                print(profiler.key_averages(group_by_input_shape=profile_shapes).table(
+                    sort_by="self_cpu_time_total", row_limit=profile_rows, max_shapes_column_width=90))
             passes = meter.by_label()
             gen_s = timing.get("time/generate")
             if gen_s is None:

@@ -19,7 +19,7 @@ def start_run(args) -> DistInfo:
     check_batch_args(args, dist.world_size)
     args.dtype = resolve_dtype(args.dtype)
     set_random_seed(args.seed)
-    if getattr(args, "compile_elementwise", False):
+    if args.compile_elementwise:
         compile_elementwise()
         print_rank_0("elementwise math (RMSNorm, SwiGLU, rotary): fused with torch.compile, compiled on first use")
     print_rank_0(f"world size {dist.world_size}, device {dist.device}, dtype {args.dtype}, "
