@@ -1,4 +1,6 @@
 """What every step's main() does first and last: start the world, check flags, seed, report user errors."""
+import atexit
+import faulthandler
 import os
 import sys
 from typing import Callable
@@ -35,7 +37,9 @@ def resolved_config(args) -> dict:
 
 
 def run_cli(main: Callable[[], None]):
-    """Run a step's main(); a UserError becomes one line on stderr and exit code 2, with no traceback."""
+    """Run a step's main(); a UserError becomes one line on stderr and exit code 2, with no traceback.
+    Only for a step's `__main__`: a finished run ends the process (see leave_process)."""
+    faulthandler.enable()  # should native code abort or crash, every thread's Python stack goes to stderr
     try:
         main()
     except UserError as e:
@@ -44,13 +48,28 @@ def run_cli(main: Callable[[], None]):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     end_world()
+    leave_process(0)
 
 
 def end_world():
-    """Leave the process group together before the interpreter exits. Left to interpreter teardown, a rank
-    whose peer already exited occasionally died in gloo's threads ("terminate called without an active
-    exception", exit 250 from the launcher) after a run that had finished and saved everything."""
+    """Leave the process group together before the interpreter exits."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_process(code: int):
+    """End a finished run without the interpreter's teardown of native libraries. Left to that teardown, a
+    rank occasionally died after everything was saved and the process group destroyed ("terminate called
+    without an active exception": a C++ thread object in torch's distributed stack destroyed while still
+    joinable), and the launcher reported the whole run as failed (exit 250; it failed CI on 2 December 2026
+    in a step-3 ZeRO-3 test whose run had finished). Python's exit handlers (logging, TensorBoard) still run, and the standard
+    streams are flushed; only native destructors, which the operating system makes redundant, are skipped."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to deliver
+            pass
+    os._exit(code)
