@@ -1,4 +1,5 @@
 """Rollout sampling (utils/model/generation.py) against transformers' own generate and plain filtering."""
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -76,7 +77,10 @@ def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_lean_decoder_step_logits_equal_a_full_forward():
+@pytest.mark.parametrize("relayout", [True, False])
+def test_lean_decoder_step_logits_equal_a_full_forward(relayout):
+    """relayout False is the GPU layout (each weight used where it is stored, no stacked or transposed copies),
+    checked here on the CPU."""
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
     model = _gqa_llama()
     ids = torch.randint(3, 300, (3, 12))
@@ -86,8 +90,10 @@ def test_lean_decoder_step_logits_equal_a_full_forward():
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits       # (B, 12, V)
         prefix = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], use_cache=True)
-        decoder = LlamaDecoder.for_model(model, 3)
+        decoder = LlamaDecoder(model, 3, relayout=relayout)
         decoder.load_prefill(prefix.past_key_values, 4)
+        projections = decoder.projections[0]["qkv"].projections if not relayout else [decoder.projections[0]["qkv"]]
+        assert all((p.packed is None and p.transposed is None) != relayout for p in projections)
         for t in range(8, 12):  # feed the true tokens one at a time
             logits = decoder.step(ids[:, t], pos[:, t:t + 1], mask[:, :t + 1].bool())
             torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
@@ -101,7 +107,7 @@ def test_decode_projection_equals_linear_in_either_layout():
     for dtype in (torch.float32, torch.float64):
         weight, bias = torch.randn(24, 16, dtype=dtype), torch.randn(24, dtype=dtype)
         for b in (bias, None):
-            projection = _Projection(weight, b, rows=4)
+            projection = _Projection(weight, b, rows=4, relayout=True)
             assert (projection.packed is None) == (dtype != torch.float32 or not torch.backends.mkl.is_available())
             for rows in (4, 2):
                 x = torch.randn(rows, 1, 16, dtype=dtype)

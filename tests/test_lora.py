@@ -150,3 +150,52 @@ def test_training_moves_only_lora_weights():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_conv1d_lora_equals_the_dense_formula_and_merges():
+    """GPT-2's c_attn is a Conv1D (weight (in, out)): the wrapped layer computes x W + b + s (x A^T) B^T, folded
+    and unfolded, fused and unfused, and its merged state dict loads into the plain GPT-2 with the same logits."""
+    model = tiny_gpt2()
+    before = model(IDS).logits
+    convert_linear_layer_to_lora(model, "c_attn", lora_dim=4)
+    assert torch.equal(model(IDS).logits, before)  # B = 0
+    randomize_lora(model)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)
+    x = torch.randn(2, 3, 32)
+    expected = x @ layer.weight + layer.bias + (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
+    torch.testing.assert_close(layer(x), expected)
+    lora_logits = model(IDS).logits
+    assert not torch.allclose(lora_logits, before)
+    with lora_fused(model):
+        torch.testing.assert_close(model(IDS).logits, lora_logits, rtol=1e-5, atol=1e-5)
+    plain = tiny_gpt2(seed=5)
+    plain.load_state_dict(merge_lora_state_dict(model.state_dict(), model))
+    torch.testing.assert_close(plain(IDS).logits, lora_logits, rtol=1e-5, atol=1e-5)
+    convert_lora_to_linear_layer(model)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(model(IDS).logits, lora_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfuse_restores_the_base_weights_bit_for_bit(dtype):
+    """W + d - d is not W in floating point (in bf16 it is off by a rounding almost everywhere); the base doubles
+    as the reference model, so three fuse/unfuse rounds (three rollouts) must leave it exactly as it was."""
+    model = tiny_llama().to(dtype)
+    convert_linear_layer_to_lora(model, "q_proj,k_proj", lora_dim=8)
+    randomize_lora(model)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    for _ in range(3):
+        with lora_fused(model):
+            assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight,
+                                   base["model.layers.0.self_attn.q_proj.weight"])
+    for k, v in model.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k]), k

@@ -16,6 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import HUMAN, TURN_SEPARATOR, build_prompt
+from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import load_tokenizer
 
@@ -30,8 +31,8 @@ _MARKER_WINDOW_TOKENS = 24
 
 # ----------------------------------------------------------------------------------------------- prompt
 def _prompt_ids(tokenizer, text: str) -> List[int]:
-    """bos + text, as the training data tokenizes prompts (data_utils: bos + ids without special tokens)."""
-    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    """bos (where the tokenizer has one) + text, as the training data tokenizes prompts (data_utils: bos + ids without special tokens)."""
+    return bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def build_chat_prompt(tokenizer, history: History, message: str,
@@ -285,8 +286,8 @@ def load_chat_model(path: str, dtype: str = "auto", device: Optional[str] = None
                                                      trust_remote_code=False, device_map=device)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model in {path}: {e}") from e
-    if tokenizer.eos_token_id is None or tokenizer.bos_token_id is None:
-        raise UserError(f"the tokenizer in {path} has no bos/eos token; the chat format needs both")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer in {path} has no eos token; answers end with it")
     model.eval()
     return ChatModel(name or path, model, tokenizer, context_length(model, tokenizer))
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import format_answer
+from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import gather_log_probs
 from alpaca_rlhf.tools import demo_task
@@ -47,14 +48,6 @@ class Generation:
 # ------------------------------------------------------------------------------------------------ helpers
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _bos(tokenizer) -> List[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
-def _ids(tokenizer, text: str) -> List[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def _pad(rows: Sequence[List[int]], pad_id: int, left: bool):
@@ -117,7 +110,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     out: List[Generation] = []
     with _eval_mode(model), torch.inference_mode():
         for chunk in _batches(list(prompts), batch_size, desc, progress):
-            rows = [_bos(tokenizer) + _ids(tokenizer, p) for p in chunk]
+            rows = [bos_ids(tokenizer) + text_ids(tokenizer, p) for p in chunk]
             ids, mask = _pad(rows, pad, left=True)                                    # (B, P)
             seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
@@ -131,11 +124,11 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def reward_input_ids(tokenizer, g: Generation) -> List[int]:
+def reward_inputtext_ids(tokenizer, g: Generation) -> List[int]:
     """[bos] + prompt + answer (+ eos if the answer ended with EOS), prompt and answer tokenized apart, the
     answer in its canonical form (" text") as the reward model was trained on it."""
     answer = format_answer(g.answer) if g.answer.strip() else ""
-    return _bos(tokenizer) + _ids(tokenizer, g.prompt) + _ids(tokenizer, answer) + \
+    return bos_ids(tokenizer) + text_ids(tokenizer, g.prompt) + text_ids(tokenizer, answer) + \
         ([tokenizer.eos_token_id] if g.ended_with_eos else [])
 
 
@@ -146,7 +139,7 @@ def reward_scores(reward_model, tokenizer, generations: Sequence[Generation], ba
     scores: List[float] = []
     with _eval_mode(reward_model), torch.inference_mode():
         for chunk in _batches(list(generations), batch_size, "reward", progress):
-            ids, mask = _pad([reward_input_ids(tokenizer, g) for g in chunk], tokenizer.pad_token_id, left=False)
+            ids, mask = _pad([reward_inputtext_ids(tokenizer, g) for g in chunk], tokenizer.pad_token_id, left=False)
             out = reward_model.forward_value(ids.to(device), mask.to(device))
             scores.extend(out["chosen_end_scores"].float().cpu().tolist())          # (B,)
     return scores

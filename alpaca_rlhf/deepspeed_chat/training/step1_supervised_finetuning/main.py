@@ -76,7 +76,7 @@ def main():
 
     print_rank_0(f"saving the model to {args.output_dir}")
     save_hf_format(engine, tokenizer, args.output_dir, spec.zero_stage, resolved_config(args),
-                   extra_files={"eval_history.json": history})
+                   base_model_name_or_path=args.model_name_or_path, extra_files={"eval_history.json": history})
     print_rank_0(f"done: eval perplexity {history[0]['eval/perplexity']:.3f} -> {history[-1]['eval/perplexity']:.3f}")
 
 

@@ -115,7 +115,7 @@ def main():
                          eval_interval=args.eval_interval)
     logger.close()
     save_hf_format(engine, tokenizer, args.output_dir, spec.zero_stage, resolved_config(args),
-                   extra_files={"eval_history.json": history})
+                   base_model_name_or_path=args.model_name_or_path, extra_files={"eval_history.json": history})
     print_rank_0(f"done: eval reward accuracy {history[0]['eval/reward_accuracy']:.3f} -> "
                  f"{history[-1]['eval/reward_accuracy']:.3f}; model in {args.output_dir}")
 

@@ -52,7 +52,7 @@ def main():
     # the reward head is always trained, LoRA or not
     spec, ds_config, model = prepare_model(args, lambda cfg: create_critic_model(
         args.model_name_or_path, tokenizer, cfg, args.num_padding_at_beginning, args.dropout, args.compute_fp32_loss,
-        args.loss_type, args.trust_remote_code), force_optimize_params=["v_head"])
+        args.loss_type, args.trust_remote_code, args.dtype), force_optimize_params=["v_head"])
 
     train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id))
 
@@ -81,7 +81,7 @@ def main():
     print_rank_0(f"reward stats on {stats['num_pairs']} eval pairs: chosen {stats['chosen_mean']:.4f} "
                  f"+- {stats['chosen_std']:.4f}, rejected {stats['rejected_mean']:.4f}, accuracy {stats['accuracy']:.3f}")
     save_hf_format(engine, tokenizer, args.output_dir, spec.zero_stage, resolved_config(args),
-                   extra_files={"eval_history.json": history, "reward_stats.json": stats})
+                   base_model_name_or_path=args.model_name_or_path, extra_files={"eval_history.json": history, "reward_stats.json": stats})
     print_rank_0(f"done: eval accuracy {history[0]['eval/accuracy']:.3f} -> {history[-1]['eval/accuracy']:.3f}; "
                  f"model in {args.output_dir}")
 

@@ -196,9 +196,10 @@ def print_before_after(before, after, rows: int = 8):
 
 def export(engine, tokenizer, args):
     config = resolved_config(args)
-    save_hf_format(engine.actor, tokenizer, os.path.join(args.output_dir, "actor"), engine.actor_spec.zero_stage, config)
+    save_hf_format(engine.actor, tokenizer, os.path.join(args.output_dir, "actor"), engine.actor_spec.zero_stage, config,
+                   base_model_name_or_path=args.actor_model_name_or_path)
     save_hf_format(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"), engine.critic_spec.zero_stage,
-                   config)
+                   config, base_model_name_or_path=args.critic_model_name_or_path)
     if engine.ema is not None:
         save_hf_format(engine.ema, tokenizer, os.path.join(args.output_dir, "actor_ema"), 0, config)
     print_rank_0(f"done: actor in {args.output_dir}/actor, critic in {args.output_dir}/critic")

@@ -125,6 +125,10 @@ class PPOTrainer:
                                       do_sample=do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                                       begin_suppress_tokens=[self.eos], eos_token_id=self.eos,
                                       pad_token_id=self.pad, synced_gpus=self.engine.actor_spec.zero_stage == 3)
+            # The hybrid engine's eval() swapped its inference kernels in; its train() swaps the training layers
+            # back for the log-prob passes that follow, then the module alone goes to eval (no dropout there).
+            self.actor.train()
+            module.eval()
             return seq, False, None
         # Fusing LoRA makes rollouts run at plain-model speed (what DeepSpeed's hybrid engine does on GPUs).
         # Under ZeRO-3 the fused weights would have to be gathered and re-partitioned: generate unfused.

@@ -58,9 +58,9 @@ class DeepSpeedRLHFEngine:
         micro, gas = args.per_device_training_batch_size, args.gradient_accumulation_steps
 
         # actor and its reference
-        actor_config = train_ds_config(self.actor_spec, args, micro, gas)
+        actor_config = train_ds_config(self.actor_spec, args, micro, gas, generates=True)
         actor = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path, tokenizer, actor_config,
-                                args.actor_dropout, args.trust_remote_code)
+                                args.actor_dropout, args.trust_remote_code, args.dtype)
         apply_lora(actor, self.actor_spec)
         self.ema = self._make_ema(actor) if args.enable_ema else None
         self.actor = init_engine(actor, self.actor_spec, args, actor_config, total_steps)
@@ -69,14 +69,14 @@ class DeepSpeedRLHFEngine:
             print_rank_0("reference policy: the actor with LoRA switched off (shared base weights)")
         else:
             ref = create_hf_model(AutoModelForCausalLM, args.reference_model_name_or_path or args.actor_model_name_or_path,
-                                  tokenizer, actor_config, None, args.trust_remote_code)
+                                  tokenizer, actor_config, None, args.trust_remote_code, args.dtype)
             self.ref = init_frozen_engine(ref, args, self.actor_spec.zero_stage, args.offload_reference_model)
 
         # critic and the reward model
         critic_config = train_ds_config(self.critic_spec, args, micro, gas)
         critic = create_critic_model(args.critic_model_name_or_path, tokenizer, critic_config,
                                      args.num_padding_at_beginning, args.critic_dropout, args.compute_fp32_loss,
-                                     trust_remote_code=args.trust_remote_code)
+                                     trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         apply_lora(critic, self.critic_spec, force_optimize_params=["v_head"])
         self.reward_head = None
         if args.reward_model_type == "classifier":
@@ -84,13 +84,14 @@ class DeepSpeedRLHFEngine:
                                            args.trust_remote_code).to(args.device)
         elif shares_base(self.critic_spec) and not args.reward_model_name_or_path:
             # A frozen copy of the starting head (a few KB): the critic's head is trained, the reward's is not.
+            # Kept in float32 (the head computes in float32 anyway; DeepSpeed casts only the engines' modules).
             self.reward = None
-            self.reward_head = copy.deepcopy(critic.v_head).requires_grad_(False).to(args.device)
+            self.reward_head = copy.deepcopy(critic.v_head).requires_grad_(False).float().to(args.device)
             print_rank_0("reward model: the critic's decoder with LoRA switched off + the step-2 head (shared)")
         else:
             reward = create_critic_model(args.reward_model_name_or_path or args.critic_model_name_or_path, tokenizer,
                                          critic_config, args.num_padding_at_beginning, None, args.compute_fp32_loss,
-                                         trust_remote_code=args.trust_remote_code)
+                                         trust_remote_code=args.trust_remote_code, dtype=args.dtype)
             self.reward = init_frozen_engine(reward, args, self.critic_spec.zero_stage, args.offload_reward_model)
         self.critic = init_engine(critic, self.critic_spec, args, critic_config, total_steps)
 
@@ -114,7 +115,7 @@ class DeepSpeedRLHFEngine:
             critic = self.critic.module
             with lora_disabled(critic), last_layer_from(critic, start):
                 hidden = critic.hidden_states(seq, attention_mask)
-            return end_scores(self.reward_head(hidden).squeeze(-1).float(), attention_mask)
+            return end_scores(self.reward_head(hidden), attention_mask)
         with last_layer_from(self.reward.module, start):
             return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length)[
                 "chosen_end_scores"].float()
@@ -124,7 +125,9 @@ class DeepSpeedRLHFEngine:
         if self.actor_spec.zero_stage == 3:
             raise ConfigError("--enable_ema keeps a full copy of the actor on every rank; it supports "
                               "--actor_zero_stage 0-2 (use stage 2, or export the final actor instead)")
-        return copy.deepcopy(actor).requires_grad_(False).eval()
+        # float32 on the training device: in bf16/fp16, decay * ema + (1 - decay) * actor with decay 0.992 loses
+        # most of each update to rounding (the step is below half an ulp of the weight)
+        return copy.deepcopy(actor).requires_grad_(False).eval().float().to(self.args.device)
 
     @torch.no_grad()
     def update_ema(self, decay: float):

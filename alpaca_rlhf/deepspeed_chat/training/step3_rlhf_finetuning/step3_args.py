@@ -97,17 +97,27 @@ def parse_args(argv=None):
     cli.add_deepspeed_args(p, prefixes=("actor_", "critic_"))
 
     e = p.add_argument_group("engines")
-    e.add_argument("--enable_hybrid_engine", action="store_true", help="DeepSpeed hybrid engine for generation (GPU only).")
-    e.add_argument("--unpin_actor_parameters", action="store_true", help="Hybrid engine: do not pin actor parameters.")
-    e.add_argument("--release_inference_cache", action="store_true", help="Hybrid engine: free the inference cache.")
-    e.add_argument("--inference_tp_size", type=int, default=1, help="Hybrid engine tensor parallelism (GPU only).")
-    e.add_argument("--tp_gather_partition_size", type=int, default=8, help="Hybrid engine gather partition size.")
+    e.add_argument("--enable_hybrid_engine", action="store_true",
+                   help="DeepSpeed's hybrid engine generates the actor's rollouts with its inference kernels (GPU only; "
+                        "the actor only; not with --actor_lora_dim, whose adapters it would not fuse).")
+    e.add_argument("--unpin_actor_parameters", action="store_true",
+                   help="Hybrid engine: do not pin the actor's gathered parameters between rollouts (saves memory).")
+    e.add_argument("--release_inference_cache", action="store_true",
+                   help="Hybrid engine: free the inference workspace after each rollout (saves memory).")
+    e.add_argument("--inference_tp_size", type=int, default=1,
+                   help="Hybrid engine: tensor-parallel degree of generation (GPU only). Default 1.")
+    e.add_argument("--tp_gather_partition_size", type=int, default=8,
+                   help="Hybrid engine: layers gathered at a time for tensor-parallel generation. Default 8.")
     e.add_argument("--offload_reference_model", action="store_true", help="Reference parameters in CPU memory (ZeRO-3).")
     e.add_argument("--offload_reward_model", action="store_true", help="Reward parameters in CPU memory (ZeRO-3).")
     e.add_argument("--enable_ema", action="store_true", help="Keep an EMA of the actor, exported as actor_ema.")
     e.add_argument("--ema_decay", type=float, default=0.992, help="EMA decay per optimizer step. Default 0.992.")
-    e.add_argument("--enable_mixed_precision_lora", action="store_true", help="fp16 base + fp32 LoRA (GPU only).")
-    e.add_argument("--align_overflow", action="store_true", help="Skip actor and critic steps together on fp16 overflow.")
+    e.add_argument("--enable_mixed_precision_lora", action="store_true",
+                   help="ZeRO-3 + LoRA actor: keep its frozen base weights quantized for communication (DeepSpeed's "
+                        "zero_quantized_nontrainable_weights, ZeRO++). GPU only.")
+    e.add_argument("--align_overflow", action="store_true",
+                   help="Not supported (refused with a message): each engine skips its own step on an fp16 "
+                        "overflow. Accepted by DeepSpeed-Chat's command line.")
 
     cli.add_output_args(p)
     r = p.add_argument_group("checkpoints, evaluation, test mode")
@@ -143,6 +153,16 @@ def check(args):
         raise ConfigError("--reward_model_type classifier needs --reward_model_name_or_path")
     if args.kl_target is not None and args.kl_target <= 0:
         raise ConfigError(f"--kl_target must be positive, got {args.kl_target}")
+    if args.enable_hybrid_engine and args.actor_lora_dim > 0:
+        raise ConfigError("--enable_hybrid_engine with --actor_lora_dim: DeepSpeed's hybrid engine fuses only its own "
+                          "LoRA layers, so rollouts would come from the base weights; drop --enable_hybrid_engine "
+                          "(LoRA is fused for generation without it)")
+    if args.enable_mixed_precision_lora and (args.actor_lora_dim <= 0 or args.actor_zero_stage != 3):
+        raise ConfigError("--enable_mixed_precision_lora quantizes the frozen base of a LoRA actor under ZeRO-3: "
+                          "it needs --actor_lora_dim > 0 and --actor_zero_stage 3")
+    if args.align_overflow:
+        raise ConfigError("--align_overflow is not supported: each engine skips its own optimizer step on an fp16 "
+                          "overflow; use --dtype bf16 (no loss scaling) to avoid overflows")
     if on_cpu():
         gpu_only = [flag for flag, on in (("--enable_hybrid_engine", args.enable_hybrid_engine),
                                           ("--inference_tp_size > 1", args.inference_tp_size > 1),

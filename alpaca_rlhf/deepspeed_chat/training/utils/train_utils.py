@@ -115,11 +115,22 @@ def num_update_steps(num_batches_per_epoch: int, gradient_accumulation_steps: in
     return min(steps, max_train_steps) if max_train_steps > 0 else steps
 
 
-def train_ds_config(spec: EngineSpec, args, micro_batch_size: int, gradient_accumulation_steps: int) -> dict:
-    """The DeepSpeed config of one trained model; also passed to model loading (ZeRO-3 partitions on load)."""
-    return get_train_ds_config(micro_batch_size, gradient_accumulation_steps, args.world_size,
-                               stage=spec.zero_stage, offload=args.offload, dtype=args.dtype,
-                               enable_hybrid_engine=getattr(args, "enable_hybrid_engine", False))
+def train_ds_config(spec: EngineSpec, args, micro_batch_size: int, gradient_accumulation_steps: int,
+                    generates: bool = False) -> dict:
+    """The DeepSpeed config of one trained model; also passed to model loading (ZeRO-3 partitions on load).
+    generates: this is step 3's actor, the model the hybrid engine (when asked for) generates with."""
+    hybrid = generates and getattr(args, "enable_hybrid_engine", False)
+    config = get_train_ds_config(
+        micro_batch_size, gradient_accumulation_steps, args.world_size, stage=spec.zero_stage, offload=args.offload,
+        dtype=args.dtype, enable_hybrid_engine=hybrid,
+        inference_tp_size=getattr(args, "inference_tp_size", 1),
+        release_inference_cache=getattr(args, "release_inference_cache", False),
+        pin_parameters=not getattr(args, "unpin_actor_parameters", False),
+        tp_gather_partition_size=getattr(args, "tp_gather_partition_size", 8),
+        max_out_tokens=getattr(args, "max_prompt_seq_len", 0) + getattr(args, "max_answer_seq_len", 0))
+    if generates and getattr(args, "enable_mixed_precision_lora", False):
+        config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+    return config
 
 
 def init_engine(model, spec: EngineSpec, args, ds_config: dict, total_steps: int):

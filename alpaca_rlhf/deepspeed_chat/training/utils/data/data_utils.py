@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..utils import barrier, is_rank_0, print_rank_0
 from .raw_datasets import Example, get_raw_dataset
+from .token_ids import bos_ids, text_ids
 
 CACHE_FORMAT_VERSION = 1
 IGNORE_INDEX = -100
@@ -50,10 +51,6 @@ def split_indices(n: int, data_split: str, phase: int, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing
-def _ids(tokenizer, text: str) -> List[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
 def _keep_last(ids: List[int], max_len: int) -> Tuple[List[int], int]:
     """(ids[-max_len:], number of tokens cut from the front)."""
     cut = max(0, len(ids) - max_len)
@@ -61,10 +58,11 @@ def _keep_last(ids: List[int], max_len: int) -> Tuple[List[int], int]:
 
 
 def _sequence(tokenizer, prompt: str, answer: str, max_seq_len: int, eot: str) -> Tuple[List[int], int]:
-    """bos + prompt + answer (+ eot) + eos, and the prompt length (bos included) after truncation.
+    """bos + prompt + answer (+ eot) + eos, and the prompt length (bos, where the tokenizer has one, included)
+    after truncation.
     Prompt and answer are tokenized apart: that is how rollouts and the chatbot see them."""
-    prompt_ids = [tokenizer.bos_token_id] + _ids(tokenizer, prompt)
-    answer_ids = _ids(tokenizer, answer + eot) + [tokenizer.eos_token_id]
+    prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, prompt)
+    answer_ids = text_ids(tokenizer, answer + eot) + [tokenizer.eos_token_id]
     ids, cut = _keep_last(prompt_ids + answer_ids, max_seq_len)
     return ids, max(0, len(prompt_ids) - cut)
 
@@ -83,7 +81,7 @@ def tokenize_pair(example: Example, tokenizer, max_seq_len: int, eot: str = "") 
 
 
 def tokenize_prompt(example: Example, tokenizer, max_prompt_len: int) -> Dict[str, List[int]]:
-    ids, _ = _keep_last([tokenizer.bos_token_id] + _ids(tokenizer, example.prompt), max_prompt_len)
+    ids, _ = _keep_last(bos_ids(tokenizer) + text_ids(tokenizer, example.prompt), max_prompt_len)
     return {"prompt_ids": ids}
 
 

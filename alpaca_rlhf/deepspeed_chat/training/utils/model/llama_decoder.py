@@ -67,18 +67,21 @@ def group_slices(layer: nn.Module):
 
 
 class _Projection:
-    """y = x W^T + b for the few rows of a decode step, with W laid out once per rollout for that case.
+    """y = x W^T + b for the few rows of a decode step, with W laid out once per rollout for that case (CPU only).
     F.linear on a (16, in) input runs at a third of the matmul rate on this CPU (fp32, measured with W in
     cache: 109 vs 282 GFLOP/s for x @ (W^T contiguous)); with the weights streamed from memory, as in a real
     step, MKL's packed format (what torch.compile uses for frozen CPU weights) reads them 20% faster still
-    (12.5 vs 10.4 GB/s). Packing is an internal torch op: fp32 CPU weights only, else the transposed copy."""
+    (12.5 vs 10.4 GB/s). Packing is an internal torch op: fp32 CPU weights only, else the transposed copy.
+    Each layout is a copy of the weights for the rollout, worth it for MKL's small-row products only: on other
+    devices (a GPU's GEMM takes W as it is stored) the weight is used in place, no copy."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, relayout: bool):
         self.weight, self.bias, self.rows = weight, bias, rows
         self.packed = self.transposed = None
+        if not relayout:
+            return
         pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
-        if (pack is not None and torch.backends.mkl.is_available() and weight.device.type == "cpu"
-                and weight.dtype == torch.float32):
+        if pack is not None and torch.backends.mkl.is_available() and weight.dtype == torch.float32:
             try:
                 self.packed = pack(weight, rows)
             except RuntimeError:
@@ -89,19 +92,35 @@ class _Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        if self.transposed is None:
+            return F.linear(x, self.weight, self.bias)
         y = x @ self.transposed
         return y if self.bias is None else y + self.bias
 
 
-def _group_projection(modules, rows: int) -> _Projection:
-    """One _Projection for linear maps that read the same input: their weights (and biases) stacked."""
+class _StackedOutputs:
+    """Linear maps that read the same input, applied one by one and their outputs concatenated: what stacking
+    their weights computes, without a stacked copy of the weights (off the CPU)."""
+
+    def __init__(self, projections: List[_Projection]):
+        self.projections = projections
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.projections], dim=-1)
+
+
+def _group_projection(modules, rows: int, relayout: bool):
+    """One projection for linear maps that read the same input: with `relayout` (CPU) their weights (and biases)
+    stacked into one product, else the maps applied in place (`_StackedOutputs`)."""
     weights = [_weight(m) for m in modules]
     if len(modules) == 1:
-        return _Projection(weights[0], modules[0].bias, rows)
+        return _Projection(weights[0], modules[0].bias, rows, relayout)
+    if not relayout:
+        return _StackedOutputs([_Projection(w, m.bias, rows, relayout) for w, m in zip(weights, modules)])
     bias = None
     if any(m.bias is not None for m in modules):
         bias = torch.cat([m.bias if m.bias is not None else w.new_zeros(w.size(0)) for m, w in zip(modules, weights)])
-    return _Projection(torch.cat(weights), bias, rows)
+    return _Projection(torch.cat(weights), bias, rows, relayout)
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -139,18 +158,23 @@ class LlamaDecoder:
         """A decoder for `rows` sequences, or None when the model does not qualify."""
         return cls(model, rows) if cls.qualifies(model) else None
 
-    def __init__(self, model: nn.Module, rows: int):
+    def __init__(self, model: nn.Module, rows: int, relayout: Optional[bool] = None):
+        """relayout: lay the weights out for small-row products (stacked groups, MKL-packed or transposed
+        copies, see _Projection); default on the CPU only."""
         self.model = model
         self.rows = rows
+        if relayout is None:
+            relayout = model.lm_head.weight.device.type == "cpu"
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # every projection group laid out for `rows`-row inputs once per rollout (the weights change between
         # rollouts)
-        self.projections = [{group: _group_projection([dict(layer_projections(layer))[n] for n in names], rows)
+        self.projections = [{group: _group_projection([dict(layer_projections(layer))[n] for n in names], rows,
+                                                      relayout)
                              for group, names in GROUPS.items()} for layer in model.model.layers]
-        self.lm_head = _Projection(_weight(model.lm_head), model.lm_head.bias, rows)
+        self.lm_head = _Projection(_weight(model.lm_head), model.lm_head.bias, rows, relayout)
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.length = 0  # positions filled in the buffers

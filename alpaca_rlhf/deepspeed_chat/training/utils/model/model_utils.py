@@ -1,4 +1,5 @@
 """Loading tokenizers and models, and exporting trained models in Hugging Face format (safetensors)."""
+import copy
 import math
 import os
 import uuid
@@ -10,20 +11,42 @@ from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer
 
 from ..errors import UserError
-from ..module.lora import merge_lora_state_dict
+from ..module.lora import has_lora, is_lora_parameter, lora_modules, merge_lora_state_dict
 from ..utils import is_rank_0, move_dir_contents, write_json
 from .lean_modules import use_lean_modules
+from .peft_export import peft_adapter_files, write_peft_adapter
 
 LLAMA_PAD_ID = 0  # LLaMA has no pad token; the forks pad with id 0 (unk), which attention masks hide
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_model_path(name_or_path: str, what: str = "model"):
+    """A local path that does not exist is a one-line error. A hub-style name (`org/model` or `gpt2`, no such
+    local directory) goes on to from_pretrained, which looks it up in the hub cache or the hub (hub_or_local)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise UserError(f"{what} directory {name_or_path} does not exist")
+
+
+def hub_or_local(load, name_or_path: str, *args, **kwargs):
+    """`load(name_or_path, ...)` (a from_pretrained), turning transformers' multi-line "cannot find it" into one
+    line that names what was asked for (offline, a hub name that is not in the cache ends here)."""
+    try:
+        return load(name_or_path, *args, **kwargs)
+    except OSError as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"cannot load {name_or_path!r} (not a local directory; from the hub cache or the hub): "
+                        f"{reason}") from e
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, add_eot_token: bool = False,
                    eot_token: str = "<|endoftext|>"):
     """AutoTokenizer with LLaMA's conventions filled in: a pad token (id 0) when there is none, right padding
     for training (generation code pads prompts on the left itself)."""
-    if os.path.sep in name_or_path and not os.path.isdir(name_or_path):
-        raise UserError(f"tokenizer directory {name_or_path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_path(name_or_path, "tokenizer")
+    tokenizer = hub_or_local(AutoTokenizer.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.unk_token_id == LLAMA_PAD_ID:
             tokenizer.pad_token = tokenizer.unk_token
@@ -53,15 +76,20 @@ def set_dropout(config, dropout: Optional[float]):
 
 
 def create_hf_model(model_class, model_name_or_path: str, tokenizer=None, ds_config: Optional[dict] = None,
-                    dropout: Optional[float] = None, trust_remote_code: bool = False, **kwargs):
+                    dropout: Optional[float] = None, trust_remote_code: bool = False, dtype: Optional[str] = None,
+                    **kwargs):
     """Load a pretrained model with `model_class` (e.g. AutoModelForCausalLM), ZeRO-3 aware.
 
     Under ZeRO-3 the weights are partitioned while loading (HfDeepSpeedConfig must be alive during
-    from_pretrained), so a model larger than one device's memory can be loaded.
+    from_pretrained), so a model larger than one device's memory can be loaded. `dtype` (fp32|bf16|fp16, the
+    resolved --dtype) is the dtype the weights are loaded in, whatever the checkpoint stores: an fp16 checkpoint
+    trained with --dtype fp32 trains in fp32, not in fp16 without loss scaling. None keeps transformers' default
+    (fp32).
     """
-    if os.path.sep in model_name_or_path and not os.path.isdir(model_name_or_path):
-        raise UserError(f"model directory {model_name_or_path} does not exist")
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_model_path(model_name_or_path)
+    if dtype is not None:
+        kwargs["dtype"] = TORCH_DTYPES[dtype]
+    config = hub_or_local(AutoConfig.from_pretrained, model_name_or_path, trust_remote_code=trust_remote_code)
     set_dropout(config, dropout)
     dschf = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
@@ -80,7 +108,7 @@ def causal_lm_loader(args, tokenizer, path: Optional[str] = None):
     """`load(ds_config)` for prepare_model: the causal LM at `path` (default --model_name_or_path)."""
     from transformers import AutoModelForCausalLM
     return lambda ds_config: create_hf_model(AutoModelForCausalLM, path or args.model_name_or_path, tokenizer,
-                                             ds_config, args.dropout, args.trust_remote_code)
+                                             ds_config, args.dropout, args.trust_remote_code, args.dtype)
 
 
 def resize_embeddings_for(model, tokenizer):
@@ -123,9 +151,13 @@ def unwrap(model):
 
 
 def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_config: Optional[dict] = None,
-                   extra_files: Optional[dict] = None, max_shard_size: str = "5GB"):
+                   extra_files: Optional[dict] = None, max_shard_size: str = "5GB",
+                   base_model_name_or_path: Optional[str] = None):
     """Export `model` (a DeepSpeed engine or module) as a Hugging Face directory that `from_pretrained` loads:
     safetensors weights with LoRA merged in, config, generation config, tokenizer and the resolved run config.
+    When only LoRA adapters (and a value head) were trained on top of `base_model_name_or_path`, the adapters
+    are also written unmerged in peft's layout to `output_dir/adapter` (peft_export.py): a subdirectory, since
+    transformers applies an adapter_config.json it finds next to the weights on top of them.
 
     Everything is written into a temporary directory first and moved into `output_dir` file by file when
     complete, so an interrupted export never leaves a half-written weight file behind. Collective under
@@ -135,9 +167,19 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
     state = gather_state_dict(module, zero_stage)
     if not is_rank_0():
         return
+    adapter = None
+    if base_model_name_or_path is not None and _only_adapters_trained(module):
+        task = "SEQ_CLS" if hasattr(module, "hf_export") else "CAUSAL_LM"
+        adapter = peft_adapter_files(state, module, base_model_name_or_path, task)
     state = merge_lora_state_dict(state, module)
     # A model may export as another architecture (the reward model as *ForSequenceClassification).
     config, state = module.hf_export(state) if hasattr(module, "hf_export") else (module.config, state)
+    # the dtype the weights are written in (an fp32 EMA of a bf16 run, a bf16 model loaded from fp32 files), so
+    # that from_pretrained (dtype "auto") loads them as they are
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    if floats:
+        config = copy.copy(config)
+        config.dtype = floats[0]
     os.makedirs(output_dir, exist_ok=True)
     tmp = os.path.join(output_dir, f".tmp-export-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
@@ -148,12 +190,25 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
     save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if adapter is not None:
+        write_peft_adapter(os.path.join(tmp, "adapter"), *adapter)
     if run_config is not None:
         write_json(os.path.join(tmp, "training_args.json"), run_config)
     for name, content in (extra_files or {}).items():
         write_json(os.path.join(tmp, name), content)
     _remove_stale_weights(output_dir, keep=set(os.listdir(tmp)))
     move_dir_contents(tmp, output_dir)
+
+
+def _only_adapters_trained(module: nn.Module) -> bool:
+    """Whether the base weights stayed frozen (only LoRA matrices, and a reward model's value head, trained), so
+    that base + adapter reproduces the model."""
+    heads = set()
+    if hasattr(module, "hf_export"):  # the reward model: its head travels with the adapter (modules_to_save)
+        heads = {name for name, child in module.named_children() if not any(True for _ in lora_modules(child))}
+    return has_lora(module) and not any(
+        p.requires_grad for name, p in module.named_parameters()
+        if not is_lora_parameter(name) and name.split(".", 1)[0] not in heads)
 
 
 def _remove_stale_weights(output_dir: str, keep: set):

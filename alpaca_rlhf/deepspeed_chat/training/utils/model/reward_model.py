@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 from transformers.utils import logging as hf_logging
@@ -22,6 +23,20 @@ from .model_utils import create_hf_model
 HEAD_KEY = "score.weight"
 
 
+class ValueHead(nn.Linear):
+    """hidden -> one scalar per position, no bias, computed in float32 whatever the model's dtype:
+    (B, T, H) -> (B, T). In bf16 a score carries 8 bits of mantissa, too coarse for the pairwise margins,
+    whitened rewards and value targets made from it; the product is one dot per position. (A module, not a
+    function on its weight: ZeRO-3 gathers a module's parameters when the module itself is called.)"""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight.float()).squeeze(-1)
+
+
 class RewardModel(nn.Module):
     """`rwtransformer` (the decoder, no LM head) + `v_head` (hidden -> 1, no bias)."""
 
@@ -31,12 +46,11 @@ class RewardModel(nn.Module):
         self.config = base_model.config
         self.rwtransformer = base_model
         hidden = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
-        self.v_head = nn.Linear(hidden, 1, bias=False)
-        nn.init.zeros_(self.v_head.weight)
+        self.v_head = ValueHead(hidden)
         # Kept for DeepSpeed-Chat command-line compatibility: sequence ends are found from the attention
         # mask, so leading pad tokens (OPT's one) never need counting.
         self.num_padding_at_beginning = num_padding_at_beginning
-        self.compute_fp32_loss = compute_fp32_loss
+        self.compute_fp32_loss = compute_fp32_loss  # kept for callers; values are always float32 (ValueHead)
         self.loss_type = loss_type
 
     def gradient_checkpointing_enable(self, **kwargs):
@@ -49,9 +63,8 @@ class RewardModel(nn.Module):
                                   position_ids=position_ids_from_mask(attention_mask), use_cache=use_cache)[0]
 
     def values(self, input_ids, attention_mask, use_cache=False) -> torch.Tensor:
-        """Per-token scalar values, (B, T)."""
-        values = self.v_head(self.hidden_states(input_ids, attention_mask, use_cache)).squeeze(-1)
-        return values.float() if self.compute_fp32_loss else values
+        """Per-token scalar values in float32, (B, T)."""
+        return self.v_head(self.hidden_states(input_ids, attention_mask, use_cache))
 
     def forward(self, input_ids, attention_mask, **unused):
         """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores."""
@@ -102,21 +115,31 @@ def _read_head(model_dir: str) -> Optional[torch.Tensor]:
     return None
 
 
+def _snapshot_dir(name_or_path: str) -> str:
+    """The directory holding a model's files: the path itself, or for a hub name the cached snapshot that
+    from_pretrained has just read (where the checkpoint's score.weight sits too)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from transformers.utils import cached_file
+    return os.path.dirname(cached_file(name_or_path, "config.json"))
+
+
 def create_critic_model(model_name_or_path: str, tokenizer=None, ds_config: Optional[dict] = None,
                         num_padding_at_beginning: int = 0, dropout: Optional[float] = None,
                         compute_fp32_loss: bool = False, loss_type: str = "span",
-                        trust_remote_code: bool = False) -> RewardModel:
+                        trust_remote_code: bool = False, dtype: Optional[str] = None) -> RewardModel:
     """A RewardModel from a step-2 export (head restored) or from any causal-LM / base directory (head zero)."""
     # Loading the decoder alone leaves the checkpoint's head (score.weight or lm_head.weight) unused, which
     # transformers reports as a warning table; that is expected here, the head is read separately below.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        base = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config, dropout, trust_remote_code)
+        base = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config, dropout, trust_remote_code, dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
     model = RewardModel(base, num_padding_at_beginning, compute_fp32_loss, loss_type)
-    head = _read_head(model_name_or_path) if os.path.isdir(model_name_or_path) else None
+    model.v_head.to(next(base.parameters()).dtype)  # the decoder's (loading) dtype; it computes in float32 anyway
+    head = _read_head(_snapshot_dir(model_name_or_path))
     if head is not None:
         with torch.no_grad():
             model.v_head.weight.copy_(head.reshape_as(model.v_head.weight).to(model.v_head.weight.dtype))

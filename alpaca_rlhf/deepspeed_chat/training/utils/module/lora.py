@@ -3,8 +3,12 @@
     y = x W^T + b + scaling * dropout(x) A^T B^T,      A: (r, in) kaiming-uniform, B: (out, r) zeros,
     scaling = lora_scaling / r   (lora_scaling 1 and r 8 as in the alpaca-rlhf / DeepSpeed-Chat defaults)
 
-B starts at zero, so a freshly converted model computes exactly what the base model did.
-`fuse` folds scaling * B A into W for fast generation; `unfuse` takes it back out. `lora_disabled`
+B starts at zero, so a freshly converted model computes exactly what the base model did. transformers'
+`Conv1D` layers (GPT-2's c_attn, c_proj, c_fc), whose weight is stored transposed (in, out), are wrapped the
+same way (`fan_in_fan_out`, PEFT's name for it); A and B keep their (r, in) and (out, r) shapes.
+`fuse` folds scaling * B A into W for fast generation; `unfuse` restores W bit for bit (from a copy kept while
+fused: W + d - d is not W in floating point, least of all in bf16/fp16, and the frozen base doubles as the
+reference model, so it must not drift by a rounding every rollout). `lora_disabled`
 switches the adapters off, which turns the trained policy back into its starting point: PPO and DPO use
 that as the frozen reference model instead of keeping a second copy of the weights in memory.
 """
@@ -17,6 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers without GPT-2's layer
+    Conv1D = None
+
+
+def _is_wrappable(module: nn.Module) -> bool:
+    """A linear map LoRA can wrap: nn.Linear, or transformers' Conv1D (GPT-2)."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -58,20 +72,23 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(module: "LoRALinear", x: torch.Tensor, output: Optional[torch.Tensor] = None) -> torch.Tensor:
     """module's forward through the folded function; `output` given: that value, with the same backward."""
-    return _LoRALinearFunction.apply(x, module.weight, module.bias, module.lora_A, module.lora_B, module.scaling,
-                                     output)
+    return _LoRALinearFunction.apply(x, module.linear_weight(), module.bias, module.lora_A, module.lora_B,
+                                     module.scaling, output)
 
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update. Keeps the wrapped layer's parameter names
     (`weight`, `bias`) so checkpoints and `state_dict` keys of the base model stay valid."""
 
-    def __init__(self, base: nn.Linear, lora_dim: int, lora_scaling: float = 1.0, lora_dropout: float = 0.0):
+    def __init__(self, base: nn.Module, lora_dim: int, lora_scaling: float = 1.0, lora_dropout: float = 0.0):
         super().__init__()
         if lora_dim <= 0:
             raise ConfigError(f"--lora_dim must be positive to add LoRA, got {lora_dim}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in), frozen
+        # Conv1D stores its weight (in, out) and computes x W + b; nn.Linear stores (out, in), x W^T + b.
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        self.in_features, self.out_features = (base.nx, base.nf) if self.fan_in_fan_out else \
+            (base.in_features, base.out_features)
+        self.weight = base.weight  # (out, in), or (in, out) for Conv1D; frozen
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -85,15 +102,20 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.fused = False
         self.enabled = True
+        self._weight_before_fuse = None  # W as it was, while fused
+
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as nn.Linear holds it, (out, in) (a transposed view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, shape (out, in): what fusing adds to W."""
+        """scaling * B @ A, shape (out, in): what fusing adds to the (out, in) weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds():
             return lora_linear(self, x)
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.linear_weight(), self.bias)
         if self.fused:
             # W already holds the update; with adapters off it must be taken out again.
             if not self.enabled:
@@ -113,19 +135,29 @@ class LoRALinear(nn.Module):
         return self.enabled and not self.fused and self.can_fold()
 
     @torch.no_grad()
-    def fuse(self):
+    def fuse(self, keep_original: bool = True):
+        """W += s B A. keep_original: keep a copy of W so that `unfuse` restores it exactly (this layer's weight
+        once more while fused, in host memory when W is on an accelerator: with LoRA on every projection of a
+        7B model that is 13 GB, which belongs in host memory rather than next to the rollout's KV cache);
+        False for a permanent merge."""
         if not self.fused:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self._weight_before_fuse = self.weight.detach().to("cpu", copy=True) if keep_original else None
+            delta = self.delta_weight().to(self.weight.dtype)
+            self.weight.add_(delta.t() if self.fan_in_fan_out else delta)
             self.fused = True
 
     @torch.no_grad()
     def unfuse(self):
         if self.fused:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            if self._weight_before_fuse is None:
+                raise RuntimeError("this LoRA layer was merged permanently (fuse(keep_original=False))")
+            self.weight.copy_(self._weight_before_fuse)
+            self._weight_before_fuse = None
             self.fused = False
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.lora_dim}, scaling={self.scaling:g}"
+        conv = ", fan_in_fan_out" if self.fan_in_fan_out else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.lora_dim}, scaling={self.scaling:g}{conv}"
 
 
 def parse_module_names(names) -> List[str]:
@@ -137,7 +169,8 @@ def parse_module_names(names) -> List[str]:
 
 def convert_linear_layer_to_lora(model: nn.Module, part_module_name, lora_dim: int = 0,
                                  lora_scaling: float = 1.0, lora_droppout: float = 0.0) -> nn.Module:
-    """Wrap every nn.Linear whose qualified name contains one of the comma-separated substrings.
+    """Wrap every nn.Linear (or GPT-2 Conv1D) whose qualified name contains one of the comma-separated
+    substrings (q_proj,k_proj for LLaMA/Qwen2/Mistral/OPT, c_attn for GPT-2, W_pack for Baichuan).
 
     (`lora_droppout` keeps DeepSpeed-Chat's spelling so existing callers work.) A list that matches nothing
     is an error: a typo would otherwise train nothing at all.
@@ -145,10 +178,9 @@ def convert_linear_layer_to_lora(model: nn.Module, part_module_name, lora_dim: i
     patterns = parse_module_names(part_module_name)
     if not patterns:
         raise ConfigError("--lora_module_name is empty; give substrings of module names such as q_proj,k_proj")
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and any(p in name for p in patterns)]
+    targets = [name for name, m in model.named_modules() if _is_wrappable(m) and any(p in name for p in patterns)]
     if not targets:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_wrappable(m)})
         raise ConfigError(f"--lora_module_name {','.join(patterns)!r} matches no linear layer; "
                           f"linear layers are named {', '.join(linear_names)}")
     for name in targets:
@@ -231,9 +263,11 @@ def convert_lora_to_linear_layer(model: nn.Module) -> nn.Module:
         if not isinstance(m, LoRALinear):
             continue
         with _gathered([m.weight, m.lora_A, m.lora_B]):
-            m.fuse()
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                           device="meta")
+            m.fuse(keep_original=False)
+        if m.fan_in_fan_out:
+            linear = Conv1D(m.out_features, m.in_features)
+        else:
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -251,5 +285,6 @@ def merge_lora_state_dict(state_dict: dict, model: nn.Module) -> dict:
         prefix = name + "." if name else ""
         a, b = merged.pop(prefix + "lora_A"), merged.pop(prefix + "lora_B")
         w = merged[prefix + "weight"]
-        merged[prefix + "weight"] = (w.float() + (b.float() @ a.float()) * m.scaling).to(w.dtype)
+        delta = (b.float() @ a.float()) * m.scaling                     # (out, in)
+        merged[prefix + "weight"] = (w.float() + (delta.t() if m.fan_in_fan_out else delta)).to(w.dtype)
     return merged

@@ -1,0 +1,60 @@
+"""Step 3's engine flags: the hybrid engine only for the actor and never with LoRA adapters it would not fuse,
+its settings reaching DeepSpeed's config, and flags that cannot work refused with one line."""
+import pytest
+
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
+from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
+from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import EngineSpec, train_ds_config
+
+BASE = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", "o"]
+
+
+def refusal(*flags, gpu=False, monkeypatch=None):
+    if gpu:
+        monkeypatch.setattr(step3_args, "on_cpu", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        step3_args.parse_args(BASE + list(flags))
+    return str(error.value)
+
+
+def test_hybrid_engine_with_lora_is_refused_even_on_a_gpu(monkeypatch):
+    message = refusal("--enable_hybrid_engine", "--actor_lora_dim", "8", gpu=True, monkeypatch=monkeypatch)
+    assert "--enable_hybrid_engine with --actor_lora_dim" in message and "\n" not in message
+
+
+def test_gpu_only_flags_are_refused_on_the_cpu():
+    assert "need a GPU" in refusal("--enable_hybrid_engine", "--inference_tp_size", "2")
+
+
+def test_mixed_precision_lora_needs_a_zero3_lora_actor_and_align_overflow_is_refused(monkeypatch):
+    assert "--actor_zero_stage 3" in refusal("--enable_mixed_precision_lora", "--actor_lora_dim", "8",
+                                             gpu=True, monkeypatch=monkeypatch)
+    assert "--align_overflow is not supported" in refusal("--align_overflow")
+
+
+def test_hybrid_engine_settings_reach_the_actors_config_only(monkeypatch):
+    monkeypatch.setattr(step3_args, "on_cpu", lambda: False)
+    args = step3_args.parse_args(BASE + ["--enable_hybrid_engine", "--inference_tp_size", "2",
+                                         "--release_inference_cache", "--unpin_actor_parameters",
+                                         "--tp_gather_partition_size", "4", "--max_prompt_seq_len", "64",
+                                         "--max_answer_seq_len", "32", "--actor_zero_stage", "3",
+                                         "--actor_lora_dim", "0"])
+    args.world_size, args.dtype = 1, "bf16"
+    actor = train_ds_config(EngineSpec.from_args(args, "actor_"), args, 2, 1, generates=True)
+    critic = train_ds_config(EngineSpec.from_args(args, "critic_"), args, 2, 1)
+    assert actor["hybrid_engine"] == {"enabled": True, "max_out_tokens": 96, "inference_tp_size": 2,
+                                      "release_inference_cache": True, "pin_parameters": False,
+                                      "tp_gather_partition_size": 4}
+    assert "hybrid_engine" not in critic
+    assert actor["bf16"]["enabled"] and actor["zero_optimization"]["stage"] == 3
+
+
+def test_mixed_precision_lora_quantizes_the_actors_frozen_weights(monkeypatch):
+    monkeypatch.setattr(step3_args, "on_cpu", lambda: False)
+    args = step3_args.parse_args(BASE + ["--enable_mixed_precision_lora", "--actor_lora_dim", "8",
+                                         "--actor_zero_stage", "3"])
+    args.world_size, args.dtype = 1, "fp16"
+    actor = train_ds_config(EngineSpec.from_args(args, "actor_"), args, 2, 1, generates=True)
+    critic = train_ds_config(EngineSpec.from_args(args, "critic_"), args, 2, 1)
+    assert actor["zero_optimization"]["zero_quantized_nontrainable_weights"] is True
+    assert "zero_quantized_nontrainable_weights" not in critic["zero_optimization"]
