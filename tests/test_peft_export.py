@@ -16,19 +16,12 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import (
     LoRALinear, convert_linear_layer_to_lora, merge_lora_state_dict)
 
+from test_lora import randomize_lora  # B starts at zero (a no-op adapter): give it values
+
 peft = pytest.importorskip("peft")
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41], [1, 17, 4, 8, 0, 0, 0, 0]])   # row 2 right-padded (pad id 0)
 MASK = (torch.arange(IDS.size(1)) < torch.tensor([[8], [4]])).long()
-
-
-def randomize_lora(model, seed=1):
-    """B starts at zero (the adapter would be a no-op): give it values so the test sees the update."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
 
 
 def state_of(model):
