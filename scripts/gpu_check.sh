@@ -6,7 +6,9 @@
 #   bash scripts/gpu_check.sh
 #
 # What it does:
-#   0. Python: .venv/bin/python if it has a CUDA torch. If .venv is missing it is created: with
+#   0. Python: on the lent GPU machines (no network) the image's python3 with the wheels of .whl/ (DeepSpeed and
+#      the few packages the image lacks: `bash scripts/gpu_wheels.sh` here first, then carry .whl). Elsewhere
+#      .venv/bin/python if it has a CUDA torch. If .venv is missing it is created: with
 #      --system-site-packages when the system python3 already has a CUDA torch (then requirements.txt is
 #      installed without its torch pin, the CPU build), else plainly with all of requirements.txt. A .venv
 #      whose torch cannot see a GPU (a copy of a CPU machine's) is left alone: a second environment on the
@@ -137,19 +139,36 @@ make_venv() {  # DIR with-system-torch(0/1): create DIR and install requirements
 
 SYSTEM_CUDA=0
 command -v python3 >/dev/null 2>&1 && cuda_torch python3 && SYSTEM_CUDA=1
-VENV=$ROOT/.venv
-if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
-  make_venv "$VENV" "$SYSTEM_CUDA" || echo "warning: installing requirements.txt into $VENV failed (offline?)"
-fi
-if [ "$ALLOW_CPU" != 1 ] && ! cuda_torch "$VENV/bin/python" && [ "$SYSTEM_CUDA" = 1 ]; then
-  echo "$VENV has no CUDA torch; using an environment on the system's CUDA torch"
-  VENV=${GPU_VENV:-$ROOT/runs/gpu_check_venv}
-  if ! cuda_torch "$VENV/bin/python" || ! "$VENV/bin/python" -c 'import deepspeed, transformers' >/dev/null 2>&1; then
-    make_venv "$VENV" 1 || echo "warning: installing requirements.txt into $VENV failed (offline?)"
+# The lent GPU machines have no network: their python3 holds CUDA torch and most of what we need, the rest travels
+# as wheels in .whl/ (scripts/gpu_wheels.sh, run where PyPI is reachable), installed here into a site folder.
+WHEEL_SITE=""
+if [ "$ALLOW_CPU" != 1 ] && [ "$SYSTEM_CUDA" = 1 ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  WHEEL_SITE=${TMPDIR:-/tmp}/gpu_check_site
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WHEEL_SITE" \
+      "$ROOT"/.whl/*.whl; then
+    export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$WHEEL_SITE/bin:$PATH"
+  else
+    echo "warning: installing the wheels in $ROOT/.whl failed"; WHEEL_SITE=""
   fi
 fi
-PY=$VENV/bin/python
-export VIRTUAL_ENV=$VENV PATH="$VENV/bin:$PATH"
+if [ -n "$WHEEL_SITE" ]; then
+  PY=$(command -v python3)
+  echo "python: the system's $PY with the wheels of .whl in $WHEEL_SITE"
+else
+  VENV=$ROOT/.venv
+  if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    make_venv "$VENV" "$SYSTEM_CUDA" || echo "warning: installing requirements.txt into $VENV failed (offline?)"
+  fi
+  if [ "$ALLOW_CPU" != 1 ] && ! cuda_torch "$VENV/bin/python" && [ "$SYSTEM_CUDA" = 1 ]; then
+    echo "$VENV has no CUDA torch; using an environment on the system's CUDA torch"
+    VENV=${GPU_VENV:-$ROOT/runs/gpu_check_venv}
+    if ! cuda_torch "$VENV/bin/python" || ! "$VENV/bin/python" -c 'import deepspeed, transformers' >/dev/null 2>&1; then
+      make_venv "$VENV" 1 || echo "warning: installing requirements.txt into $VENV failed (offline?)"
+    fi
+  fi
+  PY=$VENV/bin/python
+  export VIRTUAL_ENV=$VENV PATH="$VENV/bin:$PATH"
+fi
 TABLE_PY=python3
 command -v python3 >/dev/null 2>&1 || TABLE_PY=$PY
 
