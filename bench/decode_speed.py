@@ -1,8 +1,8 @@
-"""Rollout decoding speed: the lean LLaMA decode step (utils/model/llama_decoder.py) against the transformers
+"""Rollout decoding speed: the lean decode step (utils/model/llama_decoder.py) against the transformers
 forward with its cache, interleaved in one process, on the reference setting's shapes (16 prompts of 64 tokens,
 64 sampled tokens, fp32, random weights). Both paths must draw the same tokens from the same seed.
 
-    .venv/bin/python bench/decode_speed.py --preset small --rounds 5
+    .venv/bin/python bench/decode_speed.py --preset small --rounds 5 [--arch llama|mistral|qwen2]
 
 The last line reads `lean/transformers decode speed ratio: X.XX`."""
 import argparse
@@ -17,7 +17,7 @@ if REPO_DIR not in sys.path:
 
 import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpaca_rlhf/cpu_blas.py)
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import transformers  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample  # noqa: E402
 from alpaca_rlhf.tools.make_tiny_model import PRESETS  # noqa: E402  (the issue's reference shapes)
@@ -28,10 +28,15 @@ def main(argv=None):
     p.add_argument("--preset", choices=["tiny", "small"], default="small", help="Model shape. Default small.")
     p.add_argument("--rounds", type=int, default=5, help="Interleaved measured rounds. Default 5.")
     p.add_argument("--threads", type=int, default=2, help="torch threads. Default 2 (the reference setting).")
+    p.add_argument("--arch", choices=["llama", "mistral", "qwen2"], default="llama",
+                   help="LLaMA-like family (Qwen2 with its q/k/v biases). Default llama.")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**PRESETS[args.preset])).eval()
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[args.arch]
+    extra = {"sliding_window": None} if args.arch == "mistral" else {}
+    config = getattr(transformers, name + "Config")(**PRESETS[args.preset], **extra)
+    model = getattr(transformers, name + "ForCausalLM")(config).eval()
     prompts = torch.randint(5, model.config.vocab_size, (16, 64))
     mask = torch.ones_like(prompts)
 

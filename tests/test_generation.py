@@ -53,18 +53,34 @@ def test_filter_logits_top_k_and_top_p_against_plain_sorting():
     assert kept(filter_logits(logits)) == [0, 1, 2, 3, 4]
 
 
-def _gqa_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _gqa_llama(family="llama", **extra):
+    """A 2-layer grouped-query model of a LLaMA-like family (Qwen2: q/k/v biases, here made non-zero)."""
+    import transformers
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+    config = config_class(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    return model
 
 
-def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward():
+LLAMA_LIKE = [("llama", {}), ("mistral", {"sliding_window": None}), ("qwen2", {})]
+
+
+@pytest.mark.parametrize("family,extra", LLAMA_LIKE)
+def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward(family, extra):
     """Same seed, same draws: the lean step's logits match the model's forward closely enough that sampling from
-    them picks the same tokens (grouped-query attention, left padding, rows finishing at different steps)."""
-    model = _gqa_llama()
+    them picks the same tokens (grouped-query attention, left padding, rows finishing at different steps), for
+    each LLaMA-like family."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    model = _gqa_llama(family, **extra)
+    assert LlamaDecoder.qualifies(model, 34)
     ids = torch.randint(3, 300, (4, 10))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -77,12 +93,13 @@ def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward():
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("family,extra", LLAMA_LIKE)
 @pytest.mark.parametrize("relayout", [True, False])
-def test_lean_decoder_step_logits_equal_a_full_forward(relayout):
+def test_lean_decoder_step_logits_equal_a_full_forward(relayout, family, extra):
     """relayout False is the GPU layout (each weight used where it is stored, no stacked or transposed copies),
     checked here on the CPU."""
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
-    model = _gqa_llama()
+    model = _gqa_llama(family, **extra)
     ids = torch.randint(3, 300, (3, 12))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -112,6 +129,15 @@ def test_decode_projection_equals_linear_in_either_layout():
             for rows in (4, 2):
                 x = torch.randn(rows, 1, 16, dtype=dtype)
                 torch.testing.assert_close(projection(x), F.linear(x, weight, b))
+
+
+def test_lean_decoder_leaves_sliding_windows_shorter_than_the_rollout_to_transformers():
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
+    model = _gqa_llama("mistral", sliding_window=32)
+    assert LlamaDecoder.qualifies(model, 32) and not LlamaDecoder.qualifies(model, 33)
+    assert not LlamaDecoder.qualifies(model)  # length unknown
+    windowed = _gqa_llama("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    assert not LlamaDecoder.qualifies(windowed, 40) and LlamaDecoder.qualifies(_gqa_llama("qwen2"))
 
 
 def test_lean_decoder_only_takes_plain_llama_weights():

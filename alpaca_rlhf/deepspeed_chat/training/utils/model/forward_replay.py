@@ -35,7 +35,7 @@ from torch import nn
 
 from ..module.lora import LoRALinear, lora_linear
 from .lean_modules import swiglu, swiglu_down
-from .llama_decoder import GROUPS, LlamaDecoder, group_slices, layer_projections
+from .llama_decoder import GROUPS, LLAMA, LlamaDecoder, group_slices, layer_projections
 
 _replaying = weakref.WeakSet()  # models (and their decoder bodies) inside `replaying`
 
@@ -66,7 +66,8 @@ class _ReplayedLinear(torch.autograd.Function):
 
 
 def _qualifies(model: nn.Module) -> bool:
-    if not LlamaDecoder.qualifies(model):
+    # LLaMA only: the lean step also runs Mistral and Qwen2, but their replayed training forward is not tested
+    if not LlamaDecoder.qualifies(model) or LLAMA is None or not isinstance(model, LLAMA[0]):
         return False
     checkpointing = getattr(model, "is_activation_checkpointing", None)   # transformers 5's name
     if checkpointing is None:

@@ -81,7 +81,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
-    decoder = LlamaDecoder.for_model(model, B) if lean_decode else None
+    decoder = LlamaDecoder.for_model(model, B, P + max_new_tokens) if lean_decode else None
     if decoder is not None:
         decoder.load_prefill(cache, max_new_tokens)
         decoder.recording = recording

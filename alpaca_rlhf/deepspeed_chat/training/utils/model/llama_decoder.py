@@ -14,8 +14,10 @@ memory traffic and operator count: with 16 rows a step streams every weight and 
 ~1.25 ms of a 2.4 ms step), and each of the ~60 other small operators costs 25-45 us there, the caches having
 been flushed by that stream (bench/RESULTS.md).
 
-Only plain LLaMA qualifies (`LlamaForCausalLM` with its own attention and MLP, LoRA fused or absent, weights not
-partitioned by ZeRO-3); everything else keeps the transformers path (`LlamaDecoder.for_model` returns None).
+The LLaMA-like families qualify: LLaMA, Mistral and Qwen2 (the same layer: RMSNorm, rotary, SwiGLU; Qwen2 adds
+q/k/v biases) with their own attention and MLP classes, LoRA fused or absent, weights not partitioned by ZeRO-3,
+and no sliding window shorter than the rollout (the step attends to every cached position). Everything else keeps
+the transformers path (`LlamaDecoder.for_model` returns None).
 """
 from typing import List, Optional
 
@@ -25,10 +27,21 @@ import torch.nn.functional as F
 
 from ..module.lora import LoRALinear
 
-try:  # the class names are stable across transformers 4.4x and 5.x
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
-except ImportError:  # pragma: no cover - transformers without LLaMA
-    LlamaForCausalLM = None
+
+def _family(module_path: str, prefix: str):
+    """(causal LM class, attention class, MLP class) of one LLaMA-like family, or None where transformers lacks it."""
+    try:
+        import importlib
+        module = importlib.import_module(module_path)
+        return tuple(getattr(module, prefix + name) for name in ("ForCausalLM", "Attention", "MLP"))
+    except (ImportError, AttributeError):  # pragma: no cover - an older transformers
+        return None
+
+
+# the class names are stable across transformers 4.4x and 5.x
+LLAMA = _family("transformers.models.llama.modeling_llama", "Llama")
+FAMILIES = [f for f in (LLAMA, _family("transformers.models.mistral.modeling_mistral", "Mistral"),
+                        _family("transformers.models.qwen2.modeling_qwen2", "Qwen2")) if f is not None]
 
 
 def _weight(linear: nn.Module) -> Optional[torch.Tensor]:
@@ -139,24 +152,30 @@ class LlamaDecoder:
     """KV buffers (B, H_kv, P + N, D) per layer for one rollout, and `step` for the next token's logits."""
 
     @staticmethod
-    def qualifies(model: nn.Module) -> bool:
-        """Whether the lean step can run `model` as it is now (plain LLaMA, LoRA fused or absent, not ZeRO-3)."""
-        if LlamaForCausalLM is None or not isinstance(model, LlamaForCausalLM) or _partitioned(model):
+    def qualifies(model: nn.Module, max_length: Optional[int] = None) -> bool:
+        """Whether the lean step can run `model` as it is now (LLaMA, Mistral or Qwen2, LoRA fused or absent, not
+        ZeRO-3) for sequences of up to `max_length` positions (None: any length, so no sliding window at all)."""
+        family = next((f for f in FAMILIES if isinstance(model, f[0])), None)
+        if family is None or _partitioned(model) or getattr(model.config, "pretraining_tp", 1) != 1:
             return False
-        if getattr(model.config, "pretraining_tp", 1) != 1:
-            return False
+        _, attention_class, mlp_class = family
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
+            if type(attn) is not attention_class or type(mlp) is not mlp_class:
+                return False
+            # Qwen2 names the window per layer (None on full-attention layers), Mistral in the config
+            window = getattr(attn, "sliding_window", getattr(model.config, "sliding_window", None))
+            if window is not None and (max_length is None or window < max_length):
                 return False
             if any(_weight(m) is None for _, m in layer_projections(layer)) or _weight(model.lm_head) is None:
                 return False
         return True
 
     @classmethod
-    def for_model(cls, model: nn.Module, rows: int) -> Optional["LlamaDecoder"]:
-        """A decoder for `rows` sequences, or None when the model does not qualify."""
-        return cls(model, rows) if cls.qualifies(model) else None
+    def for_model(cls, model: nn.Module, rows: int, max_length: Optional[int] = None) -> Optional["LlamaDecoder"]:
+        """A decoder for `rows` sequences of up to `max_length` positions, or None when the model does not
+        qualify."""
+        return cls(model, rows) if cls.qualifies(model, max_length) else None
 
     def __init__(self, model: nn.Module, rows: int, relayout: Optional[bool] = None):
         """relayout: lay the weights out for small-row products (stacked groups, MKL-packed or transposed
