@@ -31,7 +31,8 @@ _MARKER_WINDOW_TOKENS = 24
 
 # ----------------------------------------------------------------------------------------------- prompt
 def _prompt_ids(tokenizer, text: str) -> List[int]:
-    """bos (where the tokenizer has one) + text, as the training data tokenizes prompts (data_utils: bos + ids without special tokens)."""
+    """bos (where the tokenizer has one) + text, as the training data tokenizes prompts (data_utils: bos + ids
+    without special tokens)."""
     return bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -124,7 +124,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def reward_inputtext_ids(tokenizer, g: Generation) -> List[int]:
+def reward_input_ids(tokenizer, g: Generation) -> List[int]:
     """[bos] + prompt + answer (+ eos if the answer ended with EOS), prompt and answer tokenized apart, the
     answer in its canonical form (" text") as the reward model was trained on it."""
     answer = format_answer(g.answer) if g.answer.strip() else ""
@@ -139,7 +139,7 @@ def reward_scores(reward_model, tokenizer, generations: Sequence[Generation], ba
     scores: List[float] = []
     with _eval_mode(reward_model), torch.inference_mode():
         for chunk in _batches(list(generations), batch_size, "reward", progress):
-            ids, mask = _pad([reward_inputtext_ids(tokenizer, g) for g in chunk], tokenizer.pad_token_id, left=False)
+            ids, mask = _pad([reward_input_ids(tokenizer, g) for g in chunk], tokenizer.pad_token_id, left=False)
             out = reward_model.forward_value(ids.to(device), mask.to(device))
             scores.extend(out["chosen_end_scores"].float().cpu().tolist())          # (B,)
     return scores
