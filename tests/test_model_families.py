@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import ALPACA, DPO, RM_STATIC, STEP1, STEP2, STEP3, common_args, run_launcher
+from conftest import ALPACA, DPO, STEP1, STEP2, STEP3, common_args, run_launcher
+from test_step3_e2e import ppo_args
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 
@@ -119,12 +120,10 @@ def test_dpo_lora(family, family_sft):
 
 
 def ppo_flags(spec, actor, critic, out, root, *extra):
-    return ["--data_path", RM_STATIC, "--data_output_path", str(root / "data3"), "--actor_model_name_or_path", actor,
-            "--critic_model_name_or_path", critic, "--dtype", spec["dtype"], "--per_device_train_batch_size", 8,
-            "--per_device_mini_train_batch_size", 4, "--max_prompt_seq_len", 64, "--max_answer_seq_len", 16,
-            "--actor_learning_rate", 5e-3, "--critic_learning_rate", 5e-3, "--output_dir", out, "--eval_batches", 1,
-            "--disable_progress_bar", "--deepspeed", "--seed", 7, "--enable_test_mode", "--test_stop_step", 2,
-            *spec["extra"], *extra]
+    """test_step3_e2e's step-3 flags, two iterations, in the family's dtype (and its extra flags, which come later
+    on the command line and so win)."""
+    return ppo_args(actor, critic, out, str(root / "data3"), "--dtype", spec["dtype"], "--enable_test_mode",
+                    "--test_stop_step", 2, *spec["extra"], *extra)
 
 
 def assert_ppo_ran(out, dtype):

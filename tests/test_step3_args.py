@@ -58,3 +58,17 @@ def test_mixed_precision_lora_quantizes_the_actors_frozen_weights(monkeypatch):
     critic = train_ds_config(EngineSpec.from_args(args, "critic_"), args, 2, 1)
     assert actor["zero_optimization"]["zero_quantized_nontrainable_weights"] is True
     assert "zero_quantized_nontrainable_weights" not in critic["zero_optimization"]
+
+
+def test_fp16_is_refused_on_the_cpu_with_one_line():
+    """Every step resolves --dtype through resolve_dtype at start-up (entry.start_run); the chats through
+    resolve_torch_dtype. On the CPU accelerator fp16 is one line naming the flag, bf16 and fp32 pass."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.ds_utils import resolve_dtype
+    from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
+    from alpaca_rlhf.inference.chat_core import resolve_torch_dtype
+    with pytest.raises(ConfigError) as error:
+        resolve_dtype("fp16")
+    assert "--dtype fp16 needs a GPU" in str(error.value) and "\n" not in str(error.value)
+    assert resolve_dtype("bf16") == "bf16" and resolve_dtype("auto") == "fp32"
+    with pytest.raises(UserError, match="--dtype fp16 needs a GPU"):
+        resolve_torch_dtype("fp16", "cpu")

@@ -16,7 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import HUMAN, TURN_SEPARATOR, build_prompt
-from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids
+from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import load_tokenizer
 
@@ -33,7 +33,7 @@ _MARKER_WINDOW_TOKENS = 24
 def _prompt_ids(tokenizer, text: str) -> List[int]:
     """bos (where the tokenizer has one) + text, as the training data tokenizes prompts (data_utils: bos + ids
     without special tokens)."""
-    return bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bos_ids(tokenizer) + text_ids(tokenizer, text)
 
 
 def build_chat_prompt(tokenizer, history: History, message: str,

@@ -19,6 +19,7 @@ q/k/v biases) with their own attention and MLP classes, LoRA fused or absent, we
 and no sliding window shorter than the rollout (the step attends to every cached position). Everything else keeps
 the transformers path (`LlamaDecoder.for_model` returns None).
 """
+import importlib
 from typing import List, Optional
 
 import torch
@@ -31,7 +32,6 @@ from ..module.lora import LoRALinear
 def _family(module_path: str, prefix: str):
     """(causal LM class, attention class, MLP class) of one LLaMA-like family, or None where transformers lacks it."""
     try:
-        import importlib
         module = importlib.import_module(module_path)
         return tuple(getattr(module, prefix + name) for name in ("ForCausalLM", "Attention", "MLP"))
     except (ImportError, AttributeError):  # pragma: no cover - an older transformers

@@ -11,10 +11,10 @@ from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer
 
 from ..errors import UserError
-from ..module.lora import has_lora, is_lora_parameter, lora_modules, merge_lora_state_dict
+from ..module.lora import merge_lora_state_dict
 from ..utils import is_rank_0, move_dir_contents, write_json
 from .lean_modules import use_lean_modules
-from .peft_export import peft_adapter_files, write_peft_adapter
+from .peft_export import adapter_reproduces, peft_adapter_files, write_peft_adapter
 
 LLAMA_PAD_ID = 0  # LLaMA has no pad token; the forks pad with id 0 (unk), which attention masks hide
 
@@ -168,7 +168,7 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
     if not is_rank_0():
         return
     adapter = None
-    if base_model_name_or_path is not None and _only_adapters_trained(module):
+    if base_model_name_or_path is not None and adapter_reproduces(module):
         task = "SEQ_CLS" if hasattr(module, "hf_export") else "CAUSAL_LM"
         adapter = peft_adapter_files(state, module, base_model_name_or_path, task)
     state = merge_lora_state_dict(state, module)
@@ -198,17 +198,6 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
         write_json(os.path.join(tmp, name), content)
     _remove_stale_weights(output_dir, keep=set(os.listdir(tmp)))
     move_dir_contents(tmp, output_dir)
-
-
-def _only_adapters_trained(module: nn.Module) -> bool:
-    """Whether the base weights stayed frozen (only LoRA matrices, and a reward model's value head, trained), so
-    that base + adapter reproduces the model."""
-    heads = set()
-    if hasattr(module, "hf_export"):  # the reward model: its head travels with the adapter (modules_to_save)
-        heads = {name for name, child in module.named_children() if not any(True for _ in lora_modules(child))}
-    return has_lora(module) and not any(
-        p.requires_grad for name, p in module.named_parameters()
-        if not is_lora_parameter(name) and name.split(".", 1)[0] not in heads)
 
 
 def _remove_stale_weights(output_dir: str, keep: set):

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-from ..module.lora import LoRALinear
+from ..module.lora import LoRALinear, is_lora_parameter
 
 PREFIX = "base_model.model."
 
@@ -39,6 +39,24 @@ def _number(x: float):
 
 def _dropout_p(m: LoRALinear) -> float:
     return float(getattr(m.lora_dropout, "p", 0.0))
+
+
+def trained_heads(module: nn.Module) -> set:
+    """The top-level children of a reward model (one that exports through `hf_export`) without LoRA: its value
+    head, trained next to the adapters and saved with them (`modules_to_save`). A causal LM has none."""
+    if not hasattr(module, "hf_export"):
+        return set()
+    return {name for name, child in module.named_children()
+            if not any(isinstance(m, LoRALinear) for m in child.modules())}
+
+
+def adapter_reproduces(module: nn.Module) -> bool:
+    """Whether base + adapter gives `module` back: it has LoRA and nothing else was trained but the LoRA matrices
+    and a reward model's head."""
+    heads = trained_heads(module)
+    return any(isinstance(m, LoRALinear) for m in module.modules()) and not any(
+        p.requires_grad for name, p in module.named_parameters()
+        if not is_lora_parameter(name) and name.split(".", 1)[0] not in heads)
 
 
 def peft_adapter_files(state: dict, module: nn.Module, base_model_name_or_path: str,
@@ -61,12 +79,9 @@ def peft_adapter_files(state: dict, module: nn.Module, base_model_name_or_path: 
         shapes[path] = (m.lora_dim, _number(m.scaling * m.lora_dim))
     # Top-level children without LoRA (the reward model's value head) are trained too: peft keeps them as
     # `modules_to_save`, stored under their plain exported name.
-    head = {}
-    if export:
-        plain = {child for child, sub in module.named_children()
-                 if not any(isinstance(m, LoRALinear) for m in sub.modules())}
-        head = rename({k: v for k, v in state.items() if k.split(".", 1)[0] in plain})
-        tensors.update({PREFIX + k: v for k, v in head.items()})
+    heads = trained_heads(module)
+    head = rename({k: v for k, v in state.items() if k.split(".", 1)[0] in heads}) if heads else {}
+    tensors.update({PREFIX + k: v for k, v in head.items()})
     # One r / lora_alpha for all layers (the common case); any layer that differs goes into peft's patterns.
     r, alpha = Counter(shapes.values()).most_common(1)[0][0]
     config = {
