@@ -241,7 +241,7 @@ class PassMeter:
         import torch
         layers = getattr(module, "layers", None)
         last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
-        # the last layer's weights other than k and v: what runs only from a position on under last_layer_from
+        # the last layer's weights other than k and v: what runs only from a position on (decoder_forward's from_position)
         query_params = sum(p.numel() for n, p in last.named_parameters()
                            if not _is_lora_name(n) and not any(f".{k}." in f".{n}" for k in
                                                                ("k_proj", "v_proj", "input_layernorm"))
@@ -259,27 +259,44 @@ class PassMeter:
         return params
 
     def watch_lean_decode(self, body):
-        """Decode steps of our utils/model/llama_decoder.py read a watched body's weights without calling its
-        forward: wrap LlamaDecoder.step so that each step on this body opens a `decode` pass like a forward."""
-        from alpaca_rlhf.deepspeed_chat.training.utils.model import llama_decoder
-        cls = llama_decoder.LlamaDecoder
-        original = cls.__dict__["step"] if not hasattr(cls.step, "_meter_wrapped") else cls.step._meter_wrapped
-        watched = getattr(cls.step, "_meter_bodies", {})
+        """Our trainer computes a LLaMA-like body with its own functions, which read the weights without calling the
+        body's forward: decoder.decoder_forward (training, scoring and the rollout's prompt pass) and
+        LlamaDecoder.step (each decode step). Wrap both (the bench's measuring wrappers, put back on `remove`) so
+        that each call on this body opens a pass like a forward would."""
+        from alpaca_rlhf.deepspeed_chat.training.utils.model import decoder, llama_decoder
+        watched = self._watched_bodies = getattr(self, "_watched_bodies", {})
         watched[id(body)] = self._infos[id(body)]
+        if getattr(self, "_lean_wrapped", False):
+            return
+        self._lean_wrapped = True
         meter = self
+        forward, step = decoder.decoder_forward, llama_decoder.LlamaDecoder.step
 
-        def step(decoder, tokens, positions, attend):
-            info = watched.get(id(decoder.model.model))
+        def decoder_forward(module, input_ids, attention_mask=None, position_ids=None, **options):
+            info = watched.get(id(module))
             if info is not None:
-                meter._body_start(info, (tokens.unsqueeze(1),), {"use_cache": True,
-                                                                 "_keys": decoder.length + 1})
+                prefill = options.get("keys_values") is not None
+                meter._body_start(info, (input_ids,), {"use_cache": prefill, "_from": options.get("from_position", 0),
+                                                       "_replayed": options.get("replay") is not None})
             try:
-                return original(decoder, tokens, positions, attend)
+                return forward(module, input_ids, attention_mask, position_ids, **options)
+            finally:
+                if info is not None:
+                    meter._body_end()
+
+        def decode_step(dec, tokens, positions, attend):
+            info = watched.get(id(dec.model.model))
+            if info is not None:
+                meter._body_start(info, (tokens.unsqueeze(1),), {"use_cache": True, "_keys": dec.length + 1})
+            try:
+                return step(dec, tokens, positions, attend)
             finally:
                 meter._body_end()
-        step._meter_wrapped, step._meter_bodies = original, watched
-        cls.step = step
-        self.handles.append(_Restore(cls, original))
+        decoder.decoder_forward = decoder_forward
+        llama_decoder.LlamaDecoder.step = decode_step
+        self.handles.append(_Restore(lambda: (setattr(decoder, "decoder_forward", forward),
+                                              setattr(llama_decoder.LlamaDecoder, "step", step),
+                                              setattr(meter, "_lean_wrapped", False))))
 
     def watch_head(self, module):
         params, trainable = _param_counts(module)
@@ -311,7 +328,7 @@ class PassMeter:
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         keys = kwargs.get("_keys", past_len + T)  # positions attended to (left padding: computed, then masked)
-        replayed = module is not None and _is_replaying(module)
+        replayed = kwargs.get("_replayed", False)   # decoder_forward(..., replay=...): matmuls from the rollout
         if torch.is_grad_enabled():
             kind = "train-replayed" if replayed else "train"
         elif kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None:
@@ -320,7 +337,7 @@ class PassMeter:
             kind = "score"
         matmul = 2.0 * info["params"] * B * T
         attention = 4.0 * info["layers"] * info["width"] * B * T * keys
-        skipped = min(_last_layer_start(module), T - 1) if module is not None else 0
+        skipped = min(kwargs.get("_from", 0), T - 1)  # decoder_forward(..., from_position=S)
         if skipped > 0:  # the last layer's queries, o_proj and MLP ran at positions skipped .. T - 1 only
             matmul -= 2.0 * info["query_params"] * B * skipped
             attention -= 4.0 * info["width"] * B * skipped * keys
@@ -369,32 +386,14 @@ class PassMeter:
         return out
 
 
-def _is_replaying(module) -> bool:
-    """Whether our trainer is replaying this model's forward from the rollout (False for TRL's models)."""
-    try:
-        from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import is_replaying
-    except ImportError:
-        return False
-    return is_replaying(module)
-
-
-def _last_layer_start(module) -> int:
-    """Where our trainer's last_layer_from makes this body's last layer start now (0 for TRL's models)."""
-    try:
-        from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import active_start
-    except ImportError:
-        return 0
-    return active_start(module)
-
-
 class _Restore:
-    """A hook handle that puts a wrapped class method back."""
+    """A hook handle that puts wrapped functions back."""
 
-    def __init__(self, cls, original):
-        self.cls, self.original = cls, original
+    def __init__(self, undo):
+        self.undo = undo
 
     def remove(self):
-        self.cls.step = self.original
+        self.undo()
 
 
 def timed_method(obj, attr: str, meter: PassMeter, label: str):
@@ -431,7 +430,7 @@ COUNTED_TEXT = ("counted: forward hooks on every decoder body and head; per call
                 "a training call adds backward (1+f)*matmul + 2*attention, f = trainable fraction of the "
                 "hooked weights (1 full fine-tuning, ~0 with a frozen base + LoRA); a train-replayed call "
                 "(the actor's forward replayed from the rollout) counts attention only in its forward; where "
-                "the last layer runs from position S on (last_layer.py), its non-k/v weights count T-S positions")
+                "the last layer runs from position S on (decoder_forward's from_position), its non-k/v weights count T-S positions")
 
 
 class Gate:
@@ -502,12 +501,14 @@ def attach_meter(engine, meter: PassMeter):
         ref = engine.ref.module
         meter.watch_body(ref.model, lambda: "reference", ref.get_input_embeddings(), ref.config)
         meter.watch_head(ref.lm_head)
+        meter.watch_lean_decode(ref.model)
     critic = engine.critic.module
     body = critic.rwtransformer
     critic_off = _lora_switch(body)
     n_critic = meter.watch_body(body, lambda: "reward" if critic_off() else "critic",
                                 body.get_input_embeddings(), body.config)
     n_critic += meter.watch_head(critic.v_head)
+    meter.watch_lean_decode(body)
     if getattr(engine, "reward_head", None) is not None:
         meter.watch_head(engine.reward_head)
     reward = getattr(engine, "reward", None)
@@ -515,6 +516,7 @@ def attach_meter(engine, meter: PassMeter):
         rbody = reward.module.rwtransformer
         meter.watch_body(rbody, lambda: "reward", rbody.get_input_embeddings(), rbody.config)
         meter.watch_head(reward.module.v_head)
+        meter.watch_lean_decode(rbody)
     elif reward is not None:
         print("note: the reward model is not a step-2 style model; its passes are not counted", flush=True)
     for name in ("actor", "critic"):

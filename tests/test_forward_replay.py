@@ -4,14 +4,14 @@ import contextlib
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import cut_at_eos
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import answer_log_probs
-from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import (ForwardRecording, is_replaying,
-                                                                            replaying)
+from alpaca_rlhf.deepspeed_chat.training.utils.losses import gather_log_probs
+from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import LEAN_CAUSAL_LM
+from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
-from alpaca_rlhf.deepspeed_chat.training.utils.model.lean_modules import use_lean_modules
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import (convert_linear_layer_to_lora, lora_fused,
                                                                    only_optimize_lora_parameters)
 
@@ -22,8 +22,7 @@ def _model(lora: bool = False):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(config)
-    use_lean_modules(model)
+    model = LEAN_CAUSAL_LM["llama"](config)
     if lora:
         convert_linear_layer_to_lora(model, "q_proj,v_proj,down_proj", lora_dim=4)
         with torch.no_grad():  # B starts at zero; give the adapters something to add
@@ -59,33 +58,28 @@ def _rollout(model, ids, mask, new_tokens, lora, eos=EOS, **sampling):
     return seq, torch.cat([mask, action_mask.long()], 1), action_mask, recording
 
 
-def _policy_forward(model, seq, attention_mask, P):
-    """The trainer's own policy pass (positions 0 .. L-2, the LM head on P-1 .. L-2), with the LM head's
-    output (the logits) caught on the way."""
+def _policy_forward(model, seq, attention_mask, P, recording=None):
+    """The trainer's own policy pass (positions 0 .. L-2, the LM head on P-1 .. L-2): (the LM head's output, None
+    when replayed, which runs no LM head; the answer's log-probs)."""
     caught = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: caught.append(out))
     try:
-        logp = answer_log_probs(model, seq, attention_mask, P)
+        logp = answer_log_probs(model, seq, attention_mask, P, replay=recording)
     finally:
         hook.remove()
-    return caught[0], logp
+    assert len(caught) == (0 if recording is not None else 1)
+    return (caught[0] if caught else None), logp
 
 
 def _grads_of(model, seq, attention_mask, action_mask, P, recording=None):
     model.zero_grad(set_to_none=True)
     model.train()
-    if recording is None:
-        logits, logp = _policy_forward(model, seq, attention_mask, P)
-    else:
-        with replaying(model, recording):
-            assert is_replaying(model) and is_replaying(model.model)
-            logits, logp = _policy_forward(model, seq, attention_mask, P)
-        assert not is_replaying(model)
+    logits, logp = _policy_forward(model, seq, attention_mask, P, recording)
     # a loss over the answer tokens that weights every position differently
     weights = torch.linspace(0.5, 1.5, logp.size(1))
     (-(logp * action_mask * weights).sum() / action_mask.sum()).backward()
     model.eval()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits, logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -102,21 +96,21 @@ def test_replayed_forward_gives_the_rollout_logits_and_the_full_forward_gradient
     seq, attention_mask, action_mask, recording = _rollout(model, ids, mask, 12, lora, eos=eos, temperature=1.5,
                                                            suppress_eos_first=False)
     assert not action_mask.all() and action_mask.sum(-1).max() > 6, action_mask
-    recorded_logits = recording.logits.clone()
-    full_logits, full_grads = _grads_of(model, seq, attention_mask, action_mask, P)
-    replay_logits, replay_grads = _grads_of(model, seq, attention_mask, action_mask, P, recording)
+    rollout_logp = gather_log_probs(recording.logits.clone(), seq[:, P:])
+    full_logits, full_logp, full_grads = _grads_of(model, seq, attention_mask, action_mask, P)
+    _, replay_logp, replay_grads = _grads_of(model, seq, attention_mask, action_mask, P, recording)
     real = action_mask.bool()
-    # the replayed logits are the rollout's own
-    torch.testing.assert_close(replay_logits, recorded_logits, rtol=0, atol=0)
+    # the replayed log-probs are the rollout's own, bit for bit
+    torch.testing.assert_close(replay_logp, rollout_logp, rtol=0, atol=0)
     # ... and equal a full forward's wherever a real token is predicted
-    torch.testing.assert_close(replay_logits[real], full_logits[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replay_logp[real], full_logp[real], rtol=1e-4, atol=1e-4)
     assert full_grads.keys() == replay_grads.keys() and full_grads
     if lora:
         assert all("lora_" in n for n in full_grads)
     for name in full_grads:
         torch.testing.assert_close(replay_grads[name], full_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    # the modules are themselves again: a plain forward computes, nothing is replayed
-    again, _ = _grads_of(model, seq, attention_mask, action_mask, P)
+    # without the recording the same forward computes again
+    again, _, _ = _grads_of(model, seq, attention_mask, action_mask, P)
     torch.testing.assert_close(again, full_logits)
 
 
@@ -132,22 +126,22 @@ def test_a_rollout_that_ends_early_is_replayed_over_the_positions_it_fed():
     seq, attention_mask, action_mask, recording = _rollout(model, ids, mask, 12, False, eos=eos, do_sample=False)
     n = seq.size(1) - P
     assert n < 12 and recording.logits.size(1) == n and recording.layers[0]["qkv"].size(1) == P + n - 1
-    full_logits, full_grads = _grads_of(model, seq, attention_mask, action_mask, P)
-    replay_logits, replay_grads = _grads_of(model, seq, attention_mask, action_mask, P, recording)
-    torch.testing.assert_close(replay_logits[action_mask.bool()], full_logits[action_mask.bool()], rtol=1e-4,
-                               atol=1e-4)
+    _, full_logp, full_grads = _grads_of(model, seq, attention_mask, action_mask, P)
+    _, replay_logp, replay_grads = _grads_of(model, seq, attention_mask, action_mask, P, recording)
+    torch.testing.assert_close(replay_logp[action_mask.bool()], full_logp[action_mask.bool()], rtol=1e-4, atol=1e-4)
     for name in full_grads:
         torch.testing.assert_close(replay_grads[name], full_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_recording_is_used_once_and_checks_shapes():
+def test_a_replayed_forward_checks_its_positions():
     model = _model()
     ids, mask = _prompts()
     seq, attention_mask, action_mask, recording = _rollout(model, ids, mask, 6, False)
-    with pytest.raises(RuntimeError, match="does not match the recorded"):
-        with replaying(model, recording):
-            model(input_ids=seq, attention_mask=attention_mask)  # all L positions: one more than was fed
-    assert recording.layers == [] and recording.logits is None
+    P = ids.size(1)
+    with pytest.raises(RuntimeError, match="does not match the recorded"):  # all L positions: one more than was fed
+        model(input_ids=seq, attention_mask=attention_mask, from_position=P - 1, replay=recording)
+    with pytest.raises(ValueError, match="only that suffix was recorded"):  # the last layer's prefix was not computed
+        model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1], replay=recording)
 
 
 def test_models_that_cannot_be_replayed_get_no_recording():

@@ -98,6 +98,7 @@ def test_lean_decoder_samples_the_same_tokens_as_the_transformers_forward(family
 def test_lean_decoder_step_logits_equal_a_full_forward(relayout, family, extra):
     """relayout False is the GPU layout (each weight used where it is stored, no stacked or transposed copies),
     checked here on the CPU."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import prefill
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
     model = _gqa_llama(family, **extra)
     ids = torch.randint(3, 300, (3, 12))
@@ -106,9 +107,10 @@ def test_lean_decoder_step_logits_equal_a_full_forward(relayout, family, extra):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits       # (B, 12, V)
-        prefix = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], use_cache=True)
+        prefix_logits, keys_values = prefill(model, ids[:, :8], mask[:, :8], pos[:, :8])
+        torch.testing.assert_close(prefix_logits, full[:, 7], rtol=1e-4, atol=1e-5)
         decoder = LlamaDecoder(model, 3, relayout=relayout)
-        decoder.load_prefill(prefix.past_key_values, 4)
+        decoder.load_prefill(keys_values, 4)
         projections = decoder.projections[0]["qkv"].projections if not relayout else [decoder.projections[0]["qkv"]]
         assert all((p.packed is None and p.transposed is None) != relayout for p in projections)
         for t in range(8, 12):  # feed the true tokens one at a time
@@ -232,6 +234,7 @@ def test_signed_sin_roll_is_rotate_half_bit_for_bit():
 def test_lean_decoder_rotary_table_equals_the_rotary_module_per_step():
     """The cos/sin table built once per rollout gives the same logits, bit for bit, as the model's rotary module
     called in every step (the path kept for length-dependent rotary types)."""
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import prefill
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
     model = _gqa_llama()
     ids = torch.randint(3, 300, (2, 9))
@@ -241,9 +244,9 @@ def test_lean_decoder_rotary_table_equals_the_rotary_module_per_step():
     logits = []
     with torch.no_grad():
         for table in (True, False):
-            prefix = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], use_cache=True)
+            _, keys_values = prefill(model, ids[:, :5], mask[:, :5], pos[:, :5])
             decoder = LlamaDecoder.for_model(model, 2)
-            decoder.load_prefill(prefix.past_key_values, 4)
+            decoder.load_prefill(keys_values, 4)
             assert decoder.rope is not None
             if not table:
                 decoder.rope = None
@@ -258,6 +261,7 @@ def test_lean_decoder_keeps_the_rotary_module_for_length_dependent_rotary():
     while the positions run past that length."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import prefill
     from alpaca_rlhf.deepspeed_chat.training.utils.model.llama_decoder import LlamaDecoder
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -267,11 +271,10 @@ def test_lean_decoder_keeps_the_rotary_module_for_length_dependent_rotary():
     ids = torch.randint(3, 300, (2, 12))
     pos = torch.arange(12).expand(2, 12)
     with torch.no_grad():
-        prefix = model(input_ids=ids[:, :6], position_ids=pos[:, :6], use_cache=True)
+        cache = model(input_ids=ids[:, :6], position_ids=pos[:, :6], use_cache=True).past_key_values
         decoder = LlamaDecoder.for_model(model, 2)
-        decoder.load_prefill(prefix.past_key_values, 6)
+        decoder.load_prefill(prefill(model, ids[:, :6], torch.ones(2, 6, dtype=torch.long), pos[:, :6])[1], 6)
         assert decoder.rope is None
-        cache = prefix.past_key_values  # load_prefill copied it: the transformers path may grow it in place
         for t in range(6, 12):
             logits = decoder.step(ids[:, t], pos[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.bool))
             out = model(input_ids=ids[:, t:t + 1], position_ids=pos[:, t:t + 1], past_key_values=cache,

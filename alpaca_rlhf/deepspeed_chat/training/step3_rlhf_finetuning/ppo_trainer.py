@@ -32,9 +32,9 @@ import torch.distributed as dist
 
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import (gather_log_probs, masked_mean,
                                                               position_ids_from_mask)
-from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording, replaying
+from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import causal_lm_logits
+from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
-from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import last_layer_from
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
@@ -107,9 +107,10 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- forwards
     def _values(self, critic, seq, attention_mask, P):
-        with last_layer_from(critic, P - 1):  # only the positions read below: their last layer alone runs
-            values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True)  # (B, L-1)
-        return values[:, P - 1:].float()                                # (B, A), the value before each action
+        # positions P-1 .. L-2, the value before each action; the last layer computes only those (from_position)
+        values = critic.forward_value(seq[:, :-1], attention_mask[:, :-1], return_value_only=True,
+                                      from_position=P - 1)              # (B, A)
+        return values.float()
 
     # ------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -221,8 +222,7 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         recording, mb.recording = mb.recording, None  # used once: afterwards its buffers belong to the graph
-        with (replaying(self.actor.module, recording) if recording is not None else contextlib.nullcontext()):
-            logprobs = answer_log_probs(self.actor, mb.seq, mb.attention_mask, P)
+        logprobs = answer_log_probs(self.actor, mb.seq, mb.attention_mask, P, replay=recording)
         values = None
         if mb.logprobs is None:  # reused first forward: pi_old = this policy, V_old = this critic (detached)
             values = self._values(self.critic, mb.seq, mb.attention_mask, P)
@@ -339,19 +339,16 @@ class PPOTrainer:
         return result
 
 
-def answer_log_probs(model, seq: torch.Tensor, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+def answer_log_probs(model, seq: torch.Tensor, attention_mask: torch.Tensor, P: int, replay=None) -> torch.Tensor:
     """log pi(answer tokens) of sequences (B, L) whose answers start at column P: only the A positions that
-    predict them go through the LM head. -> (B, A)"""
-    L = seq.size(1)
+    predict them go through the LM head. replay: the rollout's ForwardRecording (forward_replay.py). -> (B, A)"""
     # positions P-1 .. L-2 predict the answer tokens P .. L-1; position L-1 predicts nothing and is left out
-    # (an index rather than slicing the logits afterwards: the slice's backward would zero-fill and copy a
-    # gradient of the full logits' size)
-    # (and the last decoder layer computes only those A positions: earlier ones serve as keys and values only)
-    with last_layer_from(model, P - 1):
-        logits = model(input_ids=seq[:, :-1], attention_mask=attention_mask[:, :-1],
-                       position_ids=position_ids_from_mask(attention_mask)[:, :-1],
-                       logits_to_keep=torch.arange(P - 1, L - 1, device=seq.device),
-                       use_cache=False).logits                          # (B, A, V)
+    # (the last decoder layer and the LM head compute only those A positions: earlier ones serve as keys and
+    # values only; asking for them rather than slicing the logits afterwards, whose backward would zero-fill and
+    # copy a gradient of the full logits' size)
+    logits = causal_lm_logits(model, seq[:, :-1], attention_mask[:, :-1],
+                              position_ids_from_mask(attention_mask)[:, :-1], from_position=P - 1,
+                              replay=replay)                            # (B, A, V)
     return gather_log_probs(logits, seq[:, P:])
 
 

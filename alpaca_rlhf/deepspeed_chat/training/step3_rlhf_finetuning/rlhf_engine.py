@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores, last_token_index
-from alpaca_rlhf.deepspeed_chat.training.utils.model.last_layer import last_layer_from
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import create_hf_model
 from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_critic_model
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
@@ -113,12 +112,11 @@ class DeepSpeedRLHFEngine:
         start = int(last_token_index(attention_mask).min())
         if self.reward is None:
             critic = self.critic.module
-            with lora_disabled(critic), last_layer_from(critic, start):
-                hidden = critic.hidden_states(seq, attention_mask)
-            return end_scores(self.reward_head(hidden), attention_mask)
-        with last_layer_from(self.reward.module, start):
-            return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length)[
-                "chosen_end_scores"].float()
+            with lora_disabled(critic):
+                hidden = critic.hidden_states(seq, attention_mask, from_position=start)   # (B, L - start, H)
+            return end_scores(self.reward_head(hidden), attention_mask, start)
+        return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length,
+                                                from_position=start)["chosen_end_scores"].float()
 
     # ------------------------------------------------------------------------------------------- EMA
     def _make_ema(self, actor: nn.Module) -> nn.Module:

@@ -58,9 +58,10 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def end_scores(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The value at the last real token (the EOS of a finished answer): the sequence's reward. (B, T) -> (B,)."""
-    return values.gather(-1, last_token_index(mask).unsqueeze(-1)).squeeze(-1)
+def end_scores(values: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The value at the last real token (the EOS of a finished answer): the sequence's reward. values (B, T - start)
+    of positions start .. T - 1 (a forward from a position on), mask (B, T) -> (B,)."""
+    return values.gather(-1, (last_token_index(mask) - start).unsqueeze(-1)).squeeze(-1)
 
 
 def _align_left(x: torch.Tensor, mask: torch.Tensor, fill, clamp_to_end: bool) -> torch.Tensor:

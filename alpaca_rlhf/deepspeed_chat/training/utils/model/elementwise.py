@@ -4,10 +4,9 @@ as they are or fused by torch.compile.
 Why: in eager PyTorch each of these is several passes over activations of the whole batch (an RMSNorm forward
 is six operators, the SwiGLU backward five), and between the matrix products of a training or scoring pass
 those passes are a large share of the time on small models. `compile_elementwise()` (the steps' flag
---compile_elementwise) has inductor fuse each function into one kernel for the rest of the process. Measured
-on the CPU benchmark (bench/ab_flags.py, reference PPO setting, interleaved): 1.04x per iteration on `tiny` and
-1.06x on `small` (bench/RESULTS.md). The price is compilation on the first call of each function: ~20 s with
-an empty inductor cache, ~7 s with a warm one, on the 2-core development machine. Off by default.
+--compile_elementwise) has inductor fuse each function into one kernel for the rest of the process (the gain per
+PPO iteration, bench/ab_flags.py, is in bench/RESULTS.md). The price is compilation on the first call of each
+function, seconds to tens of seconds. Off by default.
 
 The numbers: the eager functions are the lean modules' own (tests/test_lean_modules.py checks them against
 the transformers modules); the fused kernels compute the same formulas, with float rounding free to differ

@@ -5,8 +5,8 @@ the actor's first training forward sees the very weights and tokens that generat
 position by position. Generation has therefore already computed every linear map of that forward: the
 prompt's in the prefill, each answer token's in its decode step, the LM head's at every position that
 predicts an answer token. Recording those outputs (`ForwardRecording`) and returning them in the training
-forward (`replaying`) skips the forward's matmuls, about 2N FLOPs per token and most of the forward's time;
-the cheap parts (embeddings, RMSNorm, rotary, attention, SiLU) still run, so autograd builds the same graph and
+forward (`decoder_forward(..., replay=recording)`, decoder.py) skips the forward's matmuls, about 2N FLOPs per
+token and most of the forward's time; the cheap parts (embeddings, RMSNorm, rotary, attention, SiLU) still run, so autograd builds the same graph and
 the backward is unchanged. Each replayed linear's backward is the linear's own: dx = g W, dW = g^T x.
 
 What has to line up:
@@ -23,26 +23,19 @@ What has to line up:
   forward's within rtol 1e-4).
 
 Only where the lean decode step ran (`LlamaDecoder`: plain LLaMA, unpartitioned weights), with a SiLU MLP, no
-LoRA dropout and no gradient checkpointing (its recomputation would call the replayed layers twice).
+LoRA dropout and no gradient checkpointing (its recomputation would replay the layers twice). The prompt pass
+computes the last layer's queries, o and MLP at the prompt's last position only, so the replayed forward must
+start its last layer there too (from_position = P - 1, what the PPO pass reads).
 Shapes: B rows, P prompt length, N = max new tokens, T = P + N - 1 recorded positions.
 """
-import contextlib
-import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..module.lora import LoRALinear, lora_linear
-from .lean_modules import swiglu, swiglu_down
-from .llama_decoder import GROUPS, LLAMA, LlamaDecoder, group_slices, layer_projections
-
-_replaying = weakref.WeakSet()  # models (and their decoder bodies) inside `replaying`
-
-
-def is_replaying(module: nn.Module) -> bool:
-    """True while `module` (a causal LM or its decoder body) runs under `replaying` (for FLOP meters)."""
-    return module in _replaying
+from .families import LLAMA
+from .llama_decoder import GROUPS, LlamaDecoder, group_slices
 
 
 class _ReplayedLinear(torch.autograd.Function):
@@ -67,7 +60,7 @@ class _ReplayedLinear(torch.autograd.Function):
 
 def _qualifies(model: nn.Module) -> bool:
     # LLaMA only: the lean step also runs Mistral and Qwen2, but their replayed training forward is not tested
-    if not LlamaDecoder.qualifies(model) or LLAMA is None or not isinstance(model, LLAMA[0]):
+    if not LlamaDecoder.qualifies(model) or LLAMA is None or not isinstance(model, LLAMA.causal_lm):
         return False
     checkpointing = getattr(model, "is_activation_checkpointing", None)   # transformers 5's name
     if checkpointing is None:
@@ -131,24 +124,28 @@ class ForwardRecording:
         """logits (B, V) of sequence position `position` (>= P - 1), predicting the token after it."""
         self.logits[:, position - self.prompt_length + 1] = logits
 
-    @contextlib.contextmanager
-    def prefill(self):
-        """Forward hooks that record the prompt forward of the model's own forward (any logits_to_keep=1)."""
-        handles = []
-        for i, layer in enumerate(self.model.model.layers):
-            for name, module in layer_projections(layer):
-                # the lean MLP applies down_proj inside one function: its result is the MLP module's output
-                module = layer.mlp if name == "down" else module
-                group, lo, hi = self.slices[i][name]
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, i=i, group=group, cols=(lo, hi): self.put(i, group, 0, out, cols)))
-        handles.append(self.model.lm_head.register_forward_hook(
-            lambda m, args, out: self.put_logits(self.prompt_length - 1, out[:, -1])))
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+    def put_output(self, layer: int, name: str, position: int, out: torch.Tensor):
+        """out (B, t, width): one projection's result for positions position .. position + t - 1 (the prompt pass)."""
+        group, lo, hi = self.slices[layer][name]
+        self.put(layer, group, position, out, (lo, hi))
+
+    # ----------------------------------------------------------------------------------- replaying
+    def output_for(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The recorded output of one projection at the positions of its input x (B, t, in): all of them, or the
+        last t where the layer runs from a position on (decoder_forward's last layer)."""
+        recorded = _suffix(self.output(layer, name), x)
+        if recorded.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
+                               f"output {tuple(recorded.shape)}")
+        return recorded
+
+    def replay_linear(self, layer: int, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x) for nn.Linear or LoRALinear, returning the recorded output, with the linear's backward."""
+        return _replayed(module, x, self.output_for(layer, name, x))
+
+    def replay_logits(self, lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head(hidden) for hidden (B, N, H) at positions P - 1 .. P + N - 2: the recorded logits."""
+        return _replayed(lm_head, hidden, _suffix(self.logits, hidden))
 
     def trim(self, fed_positions: int):
         """Keep the first `fed_positions` positions (the rollout ended before max_new_tokens)."""
@@ -166,70 +163,14 @@ def _shapes_of(buffers: tuple):
 
 def _suffix(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The record (B, T, out) at the positions of an input (B, t, in): all of them, or the last t when the layer
-    runs from a position on (last_layer.py gives the last layer's queries and MLP the suffix only)."""
+    runs from a position on (decoder_forward gives the last layer's queries and MLP the suffix only)."""
     t = x.size(-2)
     return recorded if t >= recorded.size(-2) else recorded[..., recorded.size(-2) - t:, :]
 
 
-def _replay_linear(module: nn.Module, out: torch.Tensor):
-    """A forward for `module` (nn.Linear, or LoRALinear unfused) that returns `out` for its one call."""
-    pending = [out]
-
-    def forward(x):
-        if not pending:
-            raise RuntimeError("a replayed layer was called twice in one forward (gradient checkpointing?)")
-        recorded = _suffix(pending.pop(), x)
-        if recorded.shape[:-1] != x.shape[:-1]:
-            raise RuntimeError(f"replayed forward: input {tuple(x.shape)} does not match the recorded "
-                               f"output {tuple(recorded.shape)}")
-        if isinstance(module, LoRALinear):
-            if not module.folds():  # adapters off or unfused forms: the record (fused weights) would not match
-                raise RuntimeError("a replayed LoRA layer must run with its adapters on, unfused, without dropout")
-            return lora_linear(module, x, output=recorded)  # recorded = x (W + sBA)^T, the folded forward's value
-        return _ReplayedLinear.apply(x, module.weight, module.bias, recorded)
-    return forward
-
-
-def _replay_mlp(mlp: nn.Module, out: torch.Tensor):
-    """The LLaMA MLP down(silu(gate(x)) * up(x)) with all three results replayed (a down_proj that is not a
-    plain linear is replayed by its own replaced forward)."""
-    down = mlp.down_proj
-    if type(down) is not nn.Linear:
-        return lambda x: down(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
-    return lambda x: swiglu_down(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, _suffix(out, x))
-
-
-@contextlib.contextmanager
-def replaying(model: nn.Module, recording: ForwardRecording):
-    """Inside the block, one forward of `model` over the recorded positions (input seq[:, :T], logits kept
-    for positions P - 1 .. T - 1) returns the recorded outputs of its linear maps. The recording is used up:
-    its buffers belong to the autograd graph afterwards and are dropped from the recording."""
-    if not recording.complete:
-        raise RuntimeError("this rollout was not recorded in full (not every step went through the lean decoder)")
-    replacements = []  # (module, forward used inside the block)
-    for i, layer in enumerate(model.model.layers):
-        for name, module in layer_projections(layer):
-            out = recording.output(i, name)
-            if name == "down":
-                if type(module) is not nn.Linear:
-                    replacements.append((module, _replay_linear(module, out)))
-                replacements.append((layer.mlp, _replay_mlp(layer.mlp, out)))
-            else:
-                replacements.append((module, _replay_linear(module, out)))
-    replacements.append((model.lm_head, _replay_linear(model.lm_head, recording.logits)))
-    # an instance attribute `forward` may already be there (use_lean_modules sets the MLP's): put it back after
-    previous = [(m, m.__dict__.get("forward")) for m, _ in replacements]
-    for m, forward in replacements:
-        m.forward = forward
-    recording.layers, recording.logits = [], None
-    _replaying.update((model, model.model))
-    try:
-        yield model
-    finally:
-        _replaying.discard(model)
-        _replaying.discard(model.model)
-        for m, forward in previous:
-            if forward is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = forward
+def _replayed(module: nn.Module, x: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, LoRALinear):
+        if not module.folds():  # adapters off or unfused forms: the record (fused weights) would not match
+            raise RuntimeError("a replayed LoRA layer must run with its adapters on, unfused, without dropout")
+        return lora_linear(module, x, output=recorded)  # recorded = x (W + sBA)^T, the folded forward's value
+    return _ReplayedLinear.apply(x, module.weight, module.bias, recorded)

@@ -1,11 +1,10 @@
 """Sampling with the KV cache for rollouts: left-padded prompts, top-k / top-p / temperature, EOS banned as
 the first token, finished rows padded, and non-finite logits reported instead of crashing in multinomial."""
-import contextlib
-
 import torch
 import torch.distributed as dist
 
 from ..losses import position_ids_from_mask
+from .decoder import prefill
 from .llama_decoder import LlamaDecoder
 
 
@@ -59,9 +58,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
            suppress_eos_first: bool = True, synced: bool = False, lean_decode: bool = True, recording=None):
     """Generate up to max_new_tokens after left-padded prompts (B, P).
 
-    The prompt goes through the model's forward once; with lean_decode, the tokens after it go through
-    `LlamaDecoder` (in-place KV buffers, no per-token mask rebuild) where the model qualifies, otherwise through
-    the model's forward with its cache.
+    With lean_decode, where the model qualifies, the prompt goes through decoder.prefill once and the tokens after
+    it through `LlamaDecoder` (in-place KV buffers, no per-token mask rebuild); otherwise both go through the
+    model's forward with its cache.
 
     recording: a forward_replay.ForwardRecording to fill with every linear map's output at every position fed
     (the prompt and all sampled tokens but the last); marked complete when the lean decoder ran every step.
@@ -76,16 +75,17 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     attend = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
     attend[:, :P] = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)          # left padding: real tokens count from 0
-    # only the last prompt position's logits are needed: the LM head over the whole prompt would be wasted work
-    with (recording.prefill() if recording is not None else contextlib.nullcontext()):
+    decoder = LlamaDecoder.for_model(model, B, P + max_new_tokens) if lean_decode else None
+    cache = None
+    if decoder is not None:
+        logits, keys_values = prefill(model, input_ids, attention_mask, positions, record=recording)
+        decoder.load_prefill(keys_values, max_new_tokens)
+        decoder.recording = recording
+    else:
+        # only the last prompt position's logits are needed: the LM head over the whole prompt would be wasted work
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
-    decoder = LlamaDecoder.for_model(model, B, P + max_new_tokens) if lean_decode else None
-    if decoder is not None:
-        decoder.load_prefill(cache, max_new_tokens)
-        decoder.recording = recording
-        cache = None
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     generated, nonfinite = [], False

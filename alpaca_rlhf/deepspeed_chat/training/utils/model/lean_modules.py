@@ -1,31 +1,21 @@
-"""RMSNorm and the SwiGLU product with hand-written backwards that keep fewer activations alive.
+"""RMSNorm, rotary and the SwiGLU product with hand-written backwards that keep fewer activations alive.
 
 Why: autograd keeps every intermediate its backward formulas name. In a LLaMA layer that includes the
 normalised input of each RMSNorm before the weight is applied (one hidden-size tensor per norm) and
 silu(gate) next to gate and up (one intermediate-size tensor). These functions keep only the inputs (and
 the per-token 1/rms) and recompute the rest in the backward, one extra elementwise pass; where the MLP's down
-projection is a plain linear, its input silu(gate) * up is recomputed too. On the `small` benchmark model
-(16 x 128 tokens) the tensors saved for backward go from 818 to 578 MiB per model, at the same speed (1.53 s per forward + backward either way);
-PPO holds the actor's and the critic's at once.
+projection is a plain linear, its input silu(gate) * up is recomputed too. The rotary embedding's backward is
+the inverse rotation (no cat, neg or full-size products kept). PPO holds the actor's and the critic's activations
+at once; the saved memory is measured in bench/RESULTS.md.
 
 Same numbers as the transformers modules (tests/test_lean_modules.py: outputs and gradients, fp32 and bf16).
-The elementwise math itself lives in elementwise.py, as pure functions that --compile_elementwise fuses.
-`use_lean_modules` switches LLaMA's own RMSNorm and MLP modules to them; other architectures are left as
-they are.
+decoder.py's decoder_forward calls them; the elementwise math itself lives in elementwise.py, as pure functions
+that --compile_elementwise fuses.
 """
-import types
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .elementwise import kernels
-
-try:
-    from transformers.models.llama import modeling_llama
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-except ImportError:  # pragma: no cover - transformers without LLaMA
-    modeling_llama = LlamaMLP = LlamaRMSNorm = None
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -109,18 +99,9 @@ class _Rotary(torch.autograd.Function):
         return kernels["rotate_halves"](grad, cos_half, sin_half, True), None, None
 
 
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """Drop-in for transformers' LLaMA apply_rotary_pos_emb: same arguments, the same numbers (forward and
-    gradients, tests/test_lean_modules.py), fewer passes over q and k. What it buys is memory: PPO iterations of
-    the benchmark (bench/ab_flags.py against a checkout without it, 3 pairs each) peak at 3020 instead of 3205 MiB
-    on `small` and 2128 instead of 2410 MiB on `small` with LoRA (1.02x faster there; level with full
-    fine-tuning)."""
-    return apply_rotary(q, cos, sin, unsqueeze_dim), apply_rotary(k, cos, sin, unsqueeze_dim)
-
-
 def apply_rotary(x, cos, sin, unsqueeze_dim=1):
-    """The rotary embedding of one tensor (B, heads, T, D) with cos/sin (B, T, D), as apply_rotary_pos_emb
-    gives it for q or k: for callers whose q and k cover different positions."""
+    """The rotary embedding of one tensor (B, heads, T, D) with cos/sin (B, T, D), as transformers'
+    apply_rotary_pos_emb gives it for q or k (q and k may cover different positions)."""
     return _Rotary.apply(x, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
 
 
@@ -136,35 +117,3 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias
     """F.linear(silu(gate) * up, weight, bias), keeping only gate and up for the backward; `output`: that
     result already computed (returned as it is, with the same backward)."""
     return _SwiGLUDown.apply(gate, up, weight, bias, output)
-
-
-def _norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def _mlp_forward(self, x):
-    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
-    if type(down) is nn.Linear and not hasattr(down.weight, "ds_id"):
-        # a plain, unpartitioned linear (not LoRA-wrapped, not ZeRO-3): its input need not be kept
-        return swiglu_down(gate, up, down.weight, down.bias)
-    return down(swiglu(gate, up))
-
-
-def use_lean_modules(model: nn.Module) -> int:
-    """Switch the LLaMA RMSNorm and SiLU-MLP modules of `model` to the lean functions (the modules, their
-    parameters and hooks stay; only their forward changes), and LLaMA attention's rotary embedding to the lean
-    one (a module-level function there, so this applies to every LLaMA model in the process; it computes the
-    same numbers). Returns how many modules were switched."""
-    if LlamaRMSNorm is None:
-        return 0
-    if getattr(modeling_llama, "apply_rotary_pos_emb", None) is not None:
-        modeling_llama.apply_rotary_pos_emb = apply_rotary_pos_emb
-    switched = 0
-    for module in model.modules():
-        if type(module) is LlamaRMSNorm:
-            module.forward = types.MethodType(_norm_forward, module)
-            switched += 1
-        elif type(module) is LlamaMLP and getattr(getattr(module, "config", None), "hidden_act", None) == "silu":
-            module.forward = types.MethodType(_mlp_forward, module)
-            switched += 1
-    return switched

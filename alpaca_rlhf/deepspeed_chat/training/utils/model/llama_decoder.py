@@ -6,42 +6,23 @@ token) and goes through a dozen module calls with keyword dispatch per layer. Th
 keeps keys and values in buffers allocated once per rollout, writes the new position in place and runs each
 layer as few tensor operations: four matmuls (q, k, v stacked; o; gate and up stacked; down), one rotary pass
 over q and k together with cos/sin from a table built once per rollout, the fused attention and RMSNorm kernels.
-The prompt itself still goes through the model's own forward (one call), whose cache is copied into the buffers.
-Measured with bench/decode_speed.py (16 x 64 sampled tokens after 64-token prompts, 2 CPU threads, same
-sampler, Intel development machine): 1.40x faster rollouts than through the transformers forward on the `small`
-benchmark model, 1.51x on `tiny`, token for token the same samples (tests/test_generation.py). What is left is
-memory traffic and operator count: with 16 rows a step streams every weight and the keys and values (on `tiny`
-~1.25 ms of a 2.4 ms step), and each of the ~60 other small operators costs 25-45 us there, the caches having
-been flushed by that stream (bench/RESULTS.md).
+The prompt itself goes through `decoder.prefill` (decoder_forward, one call), whose keys and values fill the
+buffers. Token for token the same samples as the transformers forward (tests/test_generation.py); the speed-up
+and where the rest of a step's time goes are in bench/RESULTS.md (bench/decode_speed.py).
 
 The LLaMA-like families qualify: LLaMA, Mistral and Qwen2 (the same layer: RMSNorm, rotary, SwiGLU; Qwen2 adds
 q/k/v biases) with their own attention and MLP classes, LoRA fused or absent, weights not partitioned by ZeRO-3,
 and no sliding window shorter than the rollout (the step attends to every cached position). Everything else keeps
 the transformers path (`LlamaDecoder.for_model` returns None).
 """
-import importlib
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..module.lora import LoRALinear
-
-
-def _family(module_path: str, prefix: str):
-    """(causal LM class, attention class, MLP class) of one LLaMA-like family, or None where transformers lacks it."""
-    try:
-        module = importlib.import_module(module_path)
-        return tuple(getattr(module, prefix + name) for name in ("ForCausalLM", "Attention", "MLP"))
-    except (ImportError, AttributeError):  # pragma: no cover - an older transformers
-        return None
-
-
-# the class names are stable across transformers 4.4x and 5.x
-LLAMA = _family("transformers.models.llama.modeling_llama", "Llama")
-FAMILIES = [f for f in (LLAMA, _family("transformers.models.mistral.modeling_mistral", "Mistral"),
-                        _family("transformers.models.qwen2.modeling_qwen2", "Qwen2")) if f is not None]
+from .families import family_of, partitioned, plain_layers
 
 
 def _weight(linear: nn.Module) -> Optional[torch.Tensor]:
@@ -143,11 +124,6 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
 
 
-def _partitioned(model: nn.Module) -> bool:
-    """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 class LlamaDecoder:
     """KV buffers (B, H_kv, P + N, D) per layer for one rollout, and `step` for the next token's logits."""
 
@@ -155,21 +131,13 @@ class LlamaDecoder:
     def qualifies(model: nn.Module, max_length: Optional[int] = None) -> bool:
         """Whether the lean step can run `model` as it is now (LLaMA, Mistral or Qwen2, LoRA fused or absent, not
         ZeRO-3) for sequences of up to `max_length` positions (None: any length, so no sliding window at all)."""
-        family = next((f for f in FAMILIES if isinstance(model, f[0])), None)
-        if family is None or _partitioned(model) or getattr(model.config, "pretraining_tp", 1) != 1:
+        family = family_of(model)
+        if family is None or not isinstance(model, family.causal_lm) or partitioned(model):
             return False
-        _, attention_class, mlp_class = family
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if type(attn) is not attention_class or type(mlp) is not mlp_class:
-                return False
-            # Qwen2 names the window per layer (None on full-attention layers), Mistral in the config
-            window = getattr(attn, "sliding_window", getattr(model.config, "sliding_window", None))
-            if window is not None and (max_length is None or window < max_length):
-                return False
-            if any(_weight(m) is None for _, m in layer_projections(layer)) or _weight(model.lm_head) is None:
-                return False
-        return True
+        if not plain_layers(model.model, family, max_length):
+            return False
+        return (all(_weight(m) is not None for layer in model.model.layers for _, m in layer_projections(layer))
+                and _weight(model.lm_head) is not None)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int, max_length: Optional[int] = None) -> Optional["LlamaDecoder"]:
@@ -200,15 +168,11 @@ class LlamaDecoder:
         self.rope: Optional[torch.Tensor] = None  # (positions, 2, D): cos and signed sin, see load_prefill
         self.recording = None  # a forward_replay.ForwardRecording that keeps every projection's output
 
-    def load_prefill(self, cache, max_new_tokens: int) -> None:
-        """Copy the prompt's cache (transformers' DynamicCache after the prompt forward) into buffers with room
-        for max_new_tokens more positions."""
+    def load_prefill(self, keys_values: List[Tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int) -> None:
+        """Copy the prompt's keys and values (per layer, (B, H_kv, P, D) each, from decoder.prefill) into buffers
+        with room for max_new_tokens more positions."""
         self.keys, self.values = [], []
-        for i in range(len(self.model.model.layers)):
-            if hasattr(cache, "layers"):                                 # transformers 5
-                k, v = cache.layers[i].keys, cache.layers[i].values      # (B, H_kv, P, D)
-            else:                                                        # transformers 4.x
-                k, v = cache.key_cache[i], cache.value_cache[i]
+        for k, v in keys_values:
             B, H, P, D = k.shape
             kb = k.new_empty(B, H, P + max_new_tokens, D)
             vb = v.new_empty(B, H, P + max_new_tokens, D)

@@ -8,12 +8,12 @@ from typing import Optional
 import torch
 from torch import nn
 from huggingface_hub import save_torch_state_dict
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import UserError
 from ..module.lora import merge_lora_state_dict
 from ..utils import is_rank_0, move_dir_contents, write_json
-from .lean_modules import use_lean_modules
+from .decoder import LEAN_CAUSAL_LM
 from .peft_export import adapter_reproduces, peft_adapter_files, write_peft_adapter
 
 LLAMA_PAD_ID = 0  # LLaMA has no pad token; the forks pad with id 0 (unk), which attention masks hide
@@ -95,18 +95,26 @@ def create_hf_model(model_class, model_name_or_path: str, tokenizer=None, ds_con
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
         dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay referenced while loading
+    model_class = _lean_class_for(model_class, config, trust_remote_code)
     model = model_class.from_pretrained(model_name_or_path, config=config, trust_remote_code=trust_remote_code,
                                         **kwargs)
     del dschf
     if tokenizer is not None:
         resize_embeddings_for(model, tokenizer)
-    use_lean_modules(model)  # same numbers, fewer activations kept for the backward
     return model
+
+
+def _lean_class_for(model_class, config, trust_remote_code: bool):
+    """The class to load a causal LM with: for the LLaMA-like families, the transformers class with our training
+    forward (decoder.py's LeanCausalLM: the same weights and files, fewer activations kept, the PPO passes' extras);
+    anything else as asked."""
+    if model_class is not AutoModelForCausalLM or (trust_remote_code and getattr(config, "auto_map", None)):
+        return model_class
+    return LEAN_CAUSAL_LM.get(config.model_type, model_class)
 
 
 def causal_lm_loader(args, tokenizer, path: Optional[str] = None):
     """`load(ds_config)` for prepare_model: the causal LM at `path` (default --model_name_or_path)."""
-    from transformers import AutoModelForCausalLM
     return lambda ds_config: create_hf_model(AutoModelForCausalLM, path or args.model_name_or_path, tokenizer,
                                              ds_config, args.dropout, args.trust_remote_code, args.dtype)
 

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from ..losses import end_scores, pairwise_reward_loss, position_ids_from_mask
 from ..utils import all_gather_cat
+from .decoder import body_hidden_states, suffix_start
 from .model_utils import create_hf_model
 
 HEAD_KEY = "score.weight"
@@ -56,15 +57,17 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs):
         self.rwtransformer.gradient_checkpointing_enable(**kwargs)
 
-    def hidden_states(self, input_ids, attention_mask, use_cache=False) -> torch.Tensor:
-        """The decoder's last hidden states, (B, T, H). Positions count real tokens, so left-padded rollouts
-        (step 3) see the same positions as the right-padded pairs the model was trained on."""
-        return self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids_from_mask(attention_mask), use_cache=use_cache)[0]
+    def hidden_states(self, input_ids, attention_mask, from_position: int = 0) -> torch.Tensor:
+        """The decoder's last hidden states at positions S .. T - 1, (B, T - S, H), S = from_position (see
+        decoder.suffix_start): the positions before S are computed in every layer but the last only as keys and
+        values. Positions count real tokens, so left-padded rollouts (step 3) see the same positions as the
+        right-padded pairs the model was trained on."""
+        return body_hidden_states(self.rwtransformer, input_ids, attention_mask,
+                                  position_ids_from_mask(attention_mask), from_position=from_position)
 
-    def values(self, input_ids, attention_mask, use_cache=False) -> torch.Tensor:
-        """Per-token scalar values in float32, (B, T)."""
-        return self.v_head(self.hidden_states(input_ids, attention_mask, use_cache))
+    def values(self, input_ids, attention_mask, from_position: int = 0) -> torch.Tensor:
+        """Per-token scalar values in float32, (B, T - S)."""
+        return self.v_head(self.hidden_states(input_ids, attention_mask, from_position))
 
     def forward(self, input_ids, attention_mask, **unused):
         """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores."""
@@ -75,12 +78,14 @@ class RewardModel(nn.Module):
         return {"loss": loss, "chosen_mean_scores": chosen, "rejected_mean_scores": rejected}
 
     def forward_value(self, input_ids, attention_mask, return_value_only: bool = False, prompt_length: int = 0,
-                      use_cache: bool = False):
-        """Per-token values (critic), or with the end score of each sequence (reward)."""
-        values = self.values(input_ids, attention_mask, use_cache)
+                      from_position: int = 0):
+        """Per-token values (B, T - S) of positions S .. T - 1 (critic), or with the end score of each sequence
+        (reward; from_position at most the earliest last real token)."""
+        values = self.values(input_ids, attention_mask, from_position)
         if return_value_only:
             return values
-        return {"values": values, "chosen_end_scores": end_scores(values, attention_mask)}
+        start = suffix_start(from_position, input_ids.size(1))
+        return {"values": values, "chosen_end_scores": end_scores(values, attention_mask, start)}
 
     # ----------------------------------------------------------------------------------- export / load
     def hf_export(self, state_dict: dict):

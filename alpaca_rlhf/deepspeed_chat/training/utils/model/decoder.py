@@ -1,0 +1,250 @@
+"""One explicit forward for the LLaMA-like decoders (LLaMA, Mistral, Qwen2): `decoder_forward`.
+
+Why our own: the passes of this pipeline need things the transformers forward does not offer, and that used to be
+forwards replaced on its modules at run time. Here each one is an argument of a function we call:
+- lean autograd functions for RMSNorm, rotary and SwiGLU (lean_modules.py), which keep fewer activations for the
+  backward than the modules' own formulas (the same numbers);
+- `from_position`: the last decoder layer computes its queries, attention output and MLP only at the positions
+  whose outputs are read (the answer positions of a PPO pass, each row's last token for a reward). Every earlier
+  layer must still run at every position (later positions attend to the keys and values of earlier ones); in
+  the last layer, only the keys and values are needed before `from_position`.
+- `replay`: the actor's first training forward after a rollout takes every linear map's output from the rollout
+  (forward_replay.py), skipping its matmuls, with the linear maps' own backward;
+- `record` / `keys_values`: the prompt pass of a rollout records those outputs and hands its keys and values to
+  the lean decode step (llama_decoder.py).
+
+Who calls it: `LeanCausalLM.forward` (the class create_hf_model loads for these families, so steps 1, DPO, PTX and
+the PPO log-prob passes reach it through the DeepSpeed engine as before), `RewardModel.hidden_states` (reward and
+critic passes) and the rollout's prompt pass (generation.py). Every other family, and attention implementations
+other than SDPA/eager (flash-attention kernels on GPUs), keep the transformers forward.
+
+Shapes: B rows, T positions, S = the first position computed by the last layer, H hidden size, D head size.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .families import FAMILIES, family_of, plain_layers
+from .lean_modules import apply_rotary, rms_norm, swiglu, swiglu_down
+
+_ATTENTION = ("sdpa", "eager")  # both computed by F.scaled_dot_product_attention here
+
+
+def runs(model: nn.Module, length: Optional[int] = None) -> bool:
+    """Whether decoder_forward computes `model` (a LLaMA-like causal LM or decoder body) for sequences of up to
+    `length` positions."""
+    family = family_of(model)
+    if family is None:
+        return False
+    body = model.model if isinstance(model, family.causal_lm) else model
+    if getattr(body.config, "_attn_implementation", "eager") not in _ATTENTION:
+        return False
+    return plain_layers(body, family, length)
+
+
+def suffix_start(from_position: int, length: int) -> int:
+    """The first position the last layer computes: from_position, keeping at least the last position."""
+    return max(0, min(int(from_position), length - 1))
+
+
+def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0, replay=None, record=None,
+                    keys_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+    """The final-normed hidden states (B, T - S, H) of positions S .. T - 1, S = suffix_start(from_position, T).
+
+    body: a decoder body that `runs` (LlamaModel, MistralModel, Qwen2Model). input_ids (B, T); attention_mask
+    (B, T) 1 = real token (None: no padding); position_ids (B, T) (None: 0 .. T - 1, transformers' default).
+    replay: a forward_replay.ForwardRecording whose outputs every linear map returns (S >= its prompt length - 1).
+    record: a ForwardRecording to write every linear map's output into (the rollout's prompt pass).
+    keys_values: a list to append each layer's (keys, values) (B, H_kv, T, D), rotary applied, to.
+    Under ZeRO-3 every parameter is used through its module's call, which gathers it."""
+    B, T = input_ids.shape
+    S = suffix_start(from_position, T)
+    if replay is not None and S < replay.prompt_length - 1:
+        raise ValueError(f"a replayed forward starts its last layer at the prompt's last position "
+                         f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
+    if position_ids is None:
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+    gathered = hasattr(body.embed_tokens.weight, "ds_id")               # ZeRO-3: modules gather their weights
+    x = body.embed_tokens(input_ids)                                    # (B, T, H)
+    cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
+    mask = _attention_mask(attention_mask, T, S, x.device)
+    run = _Linears(replay, record, T)
+    silu = getattr(body.config, "hidden_act", None) == "silu"
+    last = len(body.layers) - 1
+    for i, layer in enumerate(body.layers):
+        start = S if i == last else 0
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:  # transformers' flag: recompute the layer in backward
+            x = checkpoint(_layer, layer, i, x, cos, sin, mask, start, run, silu, gathered, None, use_reentrant=False)
+        else:
+            x = _layer(layer, i, x, cos, sin, mask, start, run, silu, gathered, keys_values)
+    return _norm(body.norm, x, gathered)
+
+
+def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, device) -> Optional[torch.Tensor]:
+    """(B or 1, 1, T, T) bool, True = may attend: causal, real keys only, as transformers masks. A query row
+    with no real key before it (left padding) sees itself instead of nothing, where SDPA would give NaN: its
+    output is never read, and no real token attends to it. A padding position after a row's end attends to the
+    real tokens like transformers' (DeepSpeed-Chat's span reward loss reads values there).
+    None: plain causal attention over unpadded rows (SDPA's is_causal)."""
+    if attention_mask is None and S == 0:
+        return None
+    pos = torch.arange(T, device=device)
+    causal = pos[None, :] <= pos[:, None]                              # (T, T): query row, key column
+    if attention_mask is None:
+        return causal[None, None]
+    allowed = causal & attention_mask.bool()[:, None, None, :]         # (B, 1, T, T)
+    empty = ~allowed.any(-1, keepdim=True)                             # (B, 1, T, 1): rows before the first token
+    return allowed | (empty & (pos[None, :] == pos[:, None]))
+
+
+def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int, run: "_Linears", silu: bool,
+           gathered: bool, keys_values) -> torch.Tensor:
+    """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1."""
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    D = attn.head_dim
+    h = _norm(layer.input_layernorm, x, gathered)                      # (B, T, H): k and v need every position
+    q = run(i, "q", attn.q_proj, h[:, start:]).view(B, T - start, -1, D).transpose(1, 2)   # (B, nh, T-start, D)
+    k = run(i, "k", attn.k_proj, h).view(B, T, -1, D).transpose(1, 2)                      # (B, nkv, T, D)
+    v = run(i, "v", attn.v_proj, h).view(B, T, -1, D).transpose(1, 2)
+    q = apply_rotary(q, cos[:, start:], sin[:, start:])
+    k = apply_rotary(k, cos, sin)
+    if keys_values is not None:
+        keys_values.append((k, v))
+    nh, nkv = q.size(1), k.size(1)
+    # grouped-query heads read their shared key/value head without the copy repeat_kv makes
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, start:],
+                                       dropout_p=attn.attention_dropout if attn.training else 0.0,
+                                       is_causal=mask is None, scale=attn.scaling, enable_gqa=nkv != nh)
+    a = a.transpose(1, 2).reshape(B, T - start, nh * D)               # (B, T-start, nh D)
+    x = x[:, start:] + run(i, "o", attn.o_proj, a)
+    h = _norm(layer.post_attention_layernorm, x, gathered)
+    return x + _mlp(layer.mlp, i, h, run, silu, gathered)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor, gathered: bool) -> torch.Tensor:
+    """RMSNorm (fp32 inside, cast back) keeping only x and 1/rms for the backward; under ZeRO-3 the module itself,
+    whose call gathers the weight."""
+    return norm(x) if gathered else rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _mlp(mlp: nn.Module, i: int, h: torch.Tensor, run: "_Linears", silu: bool, gathered: bool) -> torch.Tensor:
+    """down(act(gate(h)) * up(h))."""
+    gate, up = run(i, "gate", mlp.gate_proj, h), run(i, "up", mlp.up_proj, h)
+    down = mlp.down_proj
+    if not silu:
+        return run(i, "down", down, mlp.act_fn(gate) * up)
+    if type(down) is nn.Linear and not gathered:
+        # a plain linear (not LoRA-wrapped, not partitioned): its input silu(gate) * up need not be kept
+        y = swiglu_down(gate, up, down.weight, down.bias, output=run.replayed(i, "down", h))
+        run.put(i, "down", y)
+        return y
+    return run(i, "down", down, swiglu(gate, up))
+
+
+class _Linears:
+    """How the linear maps of one forward run: through their modules; with `replay`, returning the rollout's
+    recorded outputs (with the linear's backward); with `record`, writing their outputs into a recording."""
+
+    def __init__(self, replay, record, length: int):
+        self.replay, self.record, self.length = replay, record, length
+
+    def __call__(self, i: int, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.replay is not None:
+            return self.replay.replay_linear(i, name, module, x)
+        y = module(x)
+        self.put(i, name, y)
+        return y
+
+    def replayed(self, i: int, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The recorded output for input x (B, t, in), or None when not replaying."""
+        return None if self.replay is None else self.replay.output_for(i, name, x)
+
+    def put(self, i: int, name: str, y: torch.Tensor):
+        if self.record is not None:  # y (B, t, out) covers the last t positions (t < T in the last layer)
+            self.record.put_output(i, name, self.length - y.size(1), y)
+
+
+# ---------------------------------------------------------------------------------------------- causal LM classes
+class LeanCausalLM:
+    """The forward of a LLaMA-like *ForCausalLM through decoder_forward, for the calls it serves (training and
+    scoring passes: no cache, logits only), with `from_position` and `replay` as extra arguments; any other call
+    (generate's cached steps, labels, hidden states wanted) goes to the transformers forward. Mixed into each
+    family's class (LEAN_CAUSAL_LM), so the weights, config, saving and loading are transformers' own."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, from_position: int = 0,
+                replay=None, **kwargs):
+        ours = (input_ids is not None and inputs_embeds is None and labels is None and past_key_values is None
+                and not use_cache and not logits_to_keep and not kwargs and runs(self, input_ids.size(1)))
+        if not ours:
+            if replay is not None:
+                raise ValueError("a replayed forward needs decoder_forward (no cache, no labels, plain layers)")
+            if from_position and input_ids is not None:
+                T = input_ids.size(1)
+                logits_to_keep = torch.arange(suffix_start(from_position, T), T, device=input_ids.device)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        hidden = decoder_forward(self.model, input_ids, attention_mask, position_ids, from_position=from_position,
+                                 replay=replay)                          # (B, T - S, H)
+        logits = (self.lm_head(hidden) if replay is None
+                  else replay.replay_logits(self.lm_head, hidden))      # (B, T - S, V)
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def _lean_class(family) -> type:
+    return type(f"Lean{family.causal_lm.__name__}", (LeanCausalLM, family.causal_lm),
+                {"__doc__": f"{family.causal_lm.__name__} whose training and scoring forwards run decoder_forward."})
+
+
+# config.model_type -> the causal LM class create_hf_model loads
+LEAN_CAUSAL_LM = {family.model_type: _lean_class(family) for family in FAMILIES}
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0,
+                     replay=None) -> torch.Tensor:
+    """Logits (B, T - S, V) of positions S .. T - 1 of any causal LM (or its DeepSpeed engine): our forward's
+    `from_position` where the model has it, the transformers forward's `logits_to_keep` elsewhere."""
+    if isinstance(getattr(model, "module", model), LeanCausalLM):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     from_position=from_position, replay=replay).logits
+    if replay is not None:
+        raise ValueError("a replayed forward needs a LLaMA-like model loaded by create_hf_model")
+    T = input_ids.size(1)
+    keep = torch.arange(suffix_start(from_position, T), T, device=input_ids.device)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=keep).logits
+
+
+def body_hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0) -> torch.Tensor:
+    """The last hidden states (B, T - S, H) of positions S .. T - 1 of any decoder body: decoder_forward where
+    it runs, the transformers forward elsewhere."""
+    T = input_ids.size(1)
+    if runs(body, T):
+        return decoder_forward(body, input_ids, attention_mask, position_ids, from_position=from_position)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
+    return hidden[:, suffix_start(from_position, T):]
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            record=None):
+    """The prompt pass of a rollout on a causal LM that `runs`: (logits (B, V) of the last position, each layer's
+    (keys, values) (B, H_kv, P, D)); with `record`, every linear map's output (the last layer's queries, o and MLP
+    at the last position only) and the last position's logits are written into it."""
+    keys_values: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    P = input_ids.size(1)
+    hidden = decoder_forward(model.model, input_ids, attention_mask, position_ids, from_position=P - 1,
+                             record=record, keys_values=keys_values)    # (B, 1, H)
+    logits = model.lm_head(hidden[:, -1])                               # (B, V)
+    if record is not None:
+        record.put_logits(P - 1, logits)
+    return logits, keys_values
