@@ -241,7 +241,7 @@ class PassMeter:
         import torch
         layers = getattr(module, "layers", None)
         last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
-        # the last layer's weights other than k and v: what runs only from a position on (decoder_forward's from_position)
+        # the last layer's weights other than k and v: what runs only from a position on (from_position)
         query_params = sum(p.numel() for n, p in last.named_parameters()
                            if not _is_lora_name(n) and not any(f".{k}." in f".{n}" for k in
                                                                ("k_proj", "v_proj", "input_layernorm"))

@@ -105,7 +105,8 @@ def test_the_last_layer_really_skips_the_prefix():
     rows = {}
     last = model.model.layers[-1]
     hooks = [module.register_forward_hook(lambda m, a, out, name=name: rows.__setitem__(name, out.size(1)))
-             for name, module in (("q", last.self_attn.q_proj), ("k", last.self_attn.k_proj), ("gate", last.mlp.gate_proj))]
+             for name, module in (("q", last.self_attn.q_proj), ("k", last.self_attn.k_proj),
+                                  ("gate", last.mlp.gate_proj))]
     with torch.no_grad():
         causal_lm_logits(model, ids, mask, positions, from_position=P - 1)
     for h in hooks:

@@ -69,7 +69,7 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
                          f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-    gathered = hasattr(body.embed_tokens.weight, "ds_id")               # ZeRO-3: modules gather their weights
+    partitioned = hasattr(body.embed_tokens.weight, "ds_id")            # ZeRO-3: modules gather their weights
     x = body.embed_tokens(input_ids)                                    # (B, T, H)
     cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
     mask = _attention_mask(attention_mask, T, S, x.device)
@@ -78,19 +78,19 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     last = len(body.layers) - 1
     for i, layer in enumerate(body.layers):
         start = S if i == last else 0
-        if getattr(layer, "gradient_checkpointing", False) and layer.training:  # transformers' flag: recompute the layer in backward
-            x = checkpoint(_layer, layer, i, x, cos, sin, mask, start, run, silu, gathered, None, use_reentrant=False)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:  # transformers' flag for the layer
+            x = checkpoint(_layer, layer, i, x, cos, sin, mask, start, run, silu, partitioned, None,
+                           use_reentrant=False)                         # recomputed in the backward
         else:
-            x = _layer(layer, i, x, cos, sin, mask, start, run, silu, gathered, keys_values)
-    return _norm(body.norm, x, gathered)
+            x = _layer(layer, i, x, cos, sin, mask, start, run, silu, partitioned, keys_values)
+    return _norm(body.norm, x, partitioned)
 
 
 def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, device) -> Optional[torch.Tensor]:
-    """(B or 1, 1, T, T) bool, True = may attend: causal, real keys only, as transformers masks. A query row
-    with no real key before it (left padding) sees itself instead of nothing, where SDPA would give NaN: its
-    output is never read, and no real token attends to it. A padding position after a row's end attends to the
-    real tokens like transformers' (DeepSpeed-Chat's span reward loss reads values there).
-    None: plain causal attention over unpadded rows (SDPA's is_causal)."""
+    """(B or 1, 1, T, T) bool, True = may attend: causal, real keys only, as transformers masks it, so every
+    position after a row's first real token gets transformers' output. A query row with no real key before it
+    (left padding) sees itself instead of nothing, where some SDPA kernels give NaN: its output is never read, and
+    no real token attends to it. None: plain causal attention over unpadded rows (SDPA's is_causal)."""
     if attention_mask is None and S == 0:
         return None
     pos = torch.arange(T, device=device)
@@ -103,12 +103,12 @@ def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, devi
 
 
 def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int, run: "_Linears", silu: bool,
-           gathered: bool, keys_values) -> torch.Tensor:
+           partitioned: bool, keys_values) -> torch.Tensor:
     """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1."""
     attn = layer.self_attn
     B, T, _ = x.shape
     D = attn.head_dim
-    h = _norm(layer.input_layernorm, x, gathered)                      # (B, T, H): k and v need every position
+    h = _norm(layer.input_layernorm, x, partitioned)                      # (B, T, H): k and v need every position
     q = run(i, "q", attn.q_proj, h[:, start:]).view(B, T - start, -1, D).transpose(1, 2)   # (B, nh, T-start, D)
     k = run(i, "k", attn.k_proj, h).view(B, T, -1, D).transpose(1, 2)                      # (B, nkv, T, D)
     v = run(i, "v", attn.v_proj, h).view(B, T, -1, D).transpose(1, 2)
@@ -123,23 +123,23 @@ def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int
                                        is_causal=mask is None, scale=attn.scaling, enable_gqa=nkv != nh)
     a = a.transpose(1, 2).reshape(B, T - start, nh * D)               # (B, T-start, nh D)
     x = x[:, start:] + run(i, "o", attn.o_proj, a)
-    h = _norm(layer.post_attention_layernorm, x, gathered)
-    return x + _mlp(layer.mlp, i, h, run, silu, gathered)
+    h = _norm(layer.post_attention_layernorm, x, partitioned)
+    return x + _mlp(layer.mlp, i, h, run, silu, partitioned)
 
 
-def _norm(norm: nn.Module, x: torch.Tensor, gathered: bool) -> torch.Tensor:
+def _norm(norm: nn.Module, x: torch.Tensor, partitioned: bool) -> torch.Tensor:
     """RMSNorm (fp32 inside, cast back) keeping only x and 1/rms for the backward; under ZeRO-3 the module itself,
     whose call gathers the weight."""
-    return norm(x) if gathered else rms_norm(x, norm.weight, norm.variance_epsilon)
+    return norm(x) if partitioned else rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
-def _mlp(mlp: nn.Module, i: int, h: torch.Tensor, run: "_Linears", silu: bool, gathered: bool) -> torch.Tensor:
+def _mlp(mlp: nn.Module, i: int, h: torch.Tensor, run: "_Linears", silu: bool, partitioned: bool) -> torch.Tensor:
     """down(act(gate(h)) * up(h))."""
     gate, up = run(i, "gate", mlp.gate_proj, h), run(i, "up", mlp.up_proj, h)
     down = mlp.down_proj
     if not silu:
         return run(i, "down", down, mlp.act_fn(gate) * up)
-    if type(down) is nn.Linear and not gathered:
+    if type(down) is nn.Linear and not partitioned:
         # a plain linear (not LoRA-wrapped, not partitioned): its input silu(gate) * up need not be kept
         y = swiglu_down(gate, up, down.weight, down.bias, output=run.replayed(i, "down", h))
         run.put(i, "down", y)

@@ -6,8 +6,9 @@ position by position. Generation has therefore already computed every linear map
 prompt's in the prefill, each answer token's in its decode step, the LM head's at every position that
 predicts an answer token. Recording those outputs (`ForwardRecording`) and returning them in the training
 forward (`decoder_forward(..., replay=recording)`, decoder.py) skips the forward's matmuls, about 2N FLOPs per
-token and most of the forward's time; the cheap parts (embeddings, RMSNorm, rotary, attention, SiLU) still run, so autograd builds the same graph and
-the backward is unchanged. Each replayed linear's backward is the linear's own: dx = g W, dW = g^T x.
+token and most of the forward's time; the cheap parts (embeddings, RMSNorm, rotary, attention, SiLU) still run, so
+autograd builds the same graph and the backward is unchanged. Each replayed linear's backward is the linear's own:
+dx = g W, dW = g^T x.
 
 What has to line up:
 - Positions. Generation feeds positions 0 .. P + n - 2 (the last sampled token is never fed), so the training
