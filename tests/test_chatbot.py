@@ -155,7 +155,7 @@ def test_two_turns_through_gradio_client(app, monkeypatch):
     prompts = []
     real = gui.stream_answer
     monkeypatch.setattr(gui, "stream_answer",
-                        lambda model, tok, ids, s: prompts.append(tok.decode(ids)) or real(model, tok, ids, s))
+                        lambda model, tok, ids, s, *stop: prompts.append(tok.decode(ids)) or real(model, tok, ids, s, *stop))
     client = Client(app, verbose=False)
     settings = [8, False, 0.7, 0.9, 0, 1, 1.0]  # max_new_tokens, sampling, temperature, top_p, top_k, beams, rep.
     box, history = client.predict("What is the capital of France?", [], *settings, api_name="/chat")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data import data_utils as du
+from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import load_chat_format
 from alpaca_rlhf.deepspeed_chat.training.utils.data.raw_datasets import Example
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 
@@ -31,8 +32,12 @@ def test_bad_data_split_is_a_config_error(bad):
         du.parse_data_split(bad)
 
 
+def alpaca(tokenizer):
+    return load_chat_format("alpaca", tokenizer)
+
+
 def test_sft_labels_cover_answer_and_eos_only(tokenizer):
-    row = du.tokenize_sft(EXAMPLE, tokenizer, max_seq_len=512)
+    row = du.tokenize_sft(EXAMPLE, alpaca(tokenizer), max_seq_len=512)
     ids, labels = row["input_ids"], row["labels"]
     prompt_ids = [tokenizer.bos_token_id] + tokenizer(EXAMPLE.prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(EXAMPLE.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -42,18 +47,18 @@ def test_sft_labels_cover_answer_and_eos_only(tokenizer):
 
 
 def test_too_long_examples_keep_their_last_tokens(tokenizer):
-    full = du.tokenize_sft(EXAMPLE, tokenizer, max_seq_len=512)
-    short = du.tokenize_sft(EXAMPLE, tokenizer, max_seq_len=8)
+    full = du.tokenize_sft(EXAMPLE, alpaca(tokenizer), max_seq_len=512)
+    short = du.tokenize_sft(EXAMPLE, alpaca(tokenizer), max_seq_len=8)
     assert short["input_ids"] == full["input_ids"][-8:] and short["labels"] == full["labels"][-8:]
     assert short["input_ids"][-1] == tokenizer.eos_token_id
-    pair = du.tokenize_pair(EXAMPLE, tokenizer, max_seq_len=6)
+    pair = du.tokenize_pair(EXAMPLE, alpaca(tokenizer), max_seq_len=6)
     assert len(pair["chosen_ids"]) == 6 and pair["prompt_len"][0] == 0  # the whole prompt was cut
-    prompt = du.tokenize_prompt(EXAMPLE, tokenizer, max_prompt_len=4)["prompt_ids"]
+    prompt = du.tokenize_prompt(EXAMPLE, alpaca(tokenizer), max_prompt_len=4)["prompt_ids"]
     assert prompt == tokenizer(EXAMPLE.prompt)["input_ids"][-4:]
 
 
 def test_empty_rejected_answer_becomes_just_eos(tokenizer):
-    pair = du.tokenize_pair(Example(EXAMPLE.prompt, EXAMPLE.chosen, ""), tokenizer, 512)
+    pair = du.tokenize_pair(Example(EXAMPLE.prompt, EXAMPLE.chosen, ""), alpaca(tokenizer), 512)
     plen = pair["prompt_len"][1]
     assert pair["rejected_ids"][plen:] == [tokenizer.eos_token_id]
 

@@ -1,6 +1,7 @@
 """LoRA: exact start, fuse/unfuse equivalence, what gets trained, merge on export, and errors."""
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
@@ -199,3 +200,35 @@ def test_unfuse_restores_the_base_weights_bit_for_bit(dtype):
     for k, v in model.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, base[k]), k
+
+
+def test_baichuan_style_packed_projection_is_wrapped_by_substring():
+    """Baichuan packs q, k and v into one linear named W_pack: --lora_module_name W_pack wraps exactly those, the
+    merged export equals the dense formula, and the output does not change while B is zero."""
+    torch.manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W_pack = nn.Linear(8, 24, bias=False)
+            self.o_proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.W_pack(x).chunk(3, dim=-1)
+            return self.o_proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+    model = nn.Sequential(Attention(), Attention())
+    x = torch.randn(2, 5, 8)
+    before = model(x)
+    convert_linear_layer_to_lora(model, "W_pack", lora_dim=4)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped == ["0.W_pack", "1.W_pack"]
+    torch.testing.assert_close(model(x), before)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.3)
+    after = model(x)
+    state = merge_lora_state_dict({k: v.clone() for k, v in model.state_dict().items()}, model)
+    plain = nn.Sequential(Attention(), Attention())
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), after, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.data.raw_datasets import (
     YitingxieRlhfRewardDatasets,
     get_raw_dataset,
 )
+from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import collect_examples
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import DataError
 
 
@@ -229,7 +230,8 @@ def test_local_jsonfile_pairs_messages_and_ranked_rows(tmp_path):
     assert ds.train_examples() == [
         Example("\n\nHuman: What is up?\n\nAssistant:", " The sky.", ""),
         Example("\n\nHuman: Hi\n\nAssistant:", " Hello", " Bye"),
-        Example("\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Joke?\n\nAssistant:", " Knock knock.", " No."),
+        Example("\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Joke?\n\nAssistant:", " Knock knock.", " No.",
+                messages=(("user", "Hi"), ("assistant", "Hey"), ("user", "Joke?"))),  # kept for chat templates
         Example(rank, " b", " a"), Example(rank, " b", " c"),  # a and c tie: skipped
         Example(order, " z", " x"), Example(order, " z", " y"), Example(order, " x", " y"),
     ]
@@ -237,14 +239,130 @@ def test_local_jsonfile_pairs_messages_and_ranked_rows(tmp_path):
     assert ds.eval_examples() == [Example("\n\nHuman: Q\n\nAssistant:", " A", " B")]
 
 
+def test_local_jsonfile_conversational_formats(tmp_path):
+    """Conversational SFT (messages; prompt/completion), preference with an implicit prompt (TRL's message lists
+    and hh-rlhf's transcripts), a system message, and prompt-only rows, in their on-disk layout."""
+    root = tmp_path / "local" / "jsonfile"
+    root.mkdir(parents=True)
+    system = {"role": "system", "content": "Be brief."}
+    user, hi = {"role": "user", "content": "Name a color"}, {"role": "user", "content": "Hi"}
+    train = [
+        {"messages": [system, hi, {"role": "assistant", "content": "Hello"}, user,
+                      {"role": "assistant", "content": "Red"}]},
+        {"prompt": [user], "completion": [{"role": "assistant", "content": "Blue"}]},
+        {"prompt": "Say yes", "completion": "Yes"},
+        {"chosen": [system, user, {"role": "assistant", "content": "Green"}],
+         "rejected": [system, user, {"role": "assistant", "content": "Maybe"}]},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sum 1 2\n\nAssistant: 3",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sum 1 2\n\nAssistant: 4"},
+        {"prompt": [system, user]},
+        {"prompt": ""},
+    ]
+    write_lines(root / "train.json", train)
+    write_lines(root / "eval.json", [{"prompt": "Q", "completion": "A"}])
+    ds = get_raw_dataset(str(root), seed=0)
+    color = "\n\nHuman: Name a color\n\nAssistant:"
+    sys_user = (("system", "Be brief."), ("user", "Name a color"))
+    assert ds.train_examples() == [
+        Example("\n\nHuman: Hi\n\nAssistant: Hello" + color, " Red", None,
+                (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Name a color"))),
+        Example(color, " Blue", None, (("user", "Name a color"),)),
+        Example("\n\nHuman: Say yes\n\nAssistant:", " Yes", None),
+        Example(color, " Green", " Maybe", sys_user),
+        Example("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sum 1 2\n\nAssistant:", " 3", " 4",
+                (("user", "Hi"), ("assistant", "Hello"), ("user", "Sum 1 2"))),
+        Example(color, "", None, sys_user),                            # prompt only
+    ]
+    assert ds.skipped == {"empty prompt": 1}
+    # prompt-only rows reach step 3 only
+    assert len(collect_examples([str(root)], [], "0,0,1", 3, 0)[0]) == 6
+    sft, _, skipped = collect_examples([str(root)], [], "1,0,0", 1, 0)
+    assert len(sft) == 5 and skipped["prompt only (no answer)"] == 1
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+      "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, "share no prompt"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "should end with an assistant turn"),
+    ({"messages": [{"role": "narrator", "content": "a"}]}, "each message needs a role"),
+    ({"completion": "x"}, "expected columns"),
+])
+def test_local_jsonfile_bad_conversational_rows_name_the_row(tmp_path, row, message):
+    root = tmp_path / "local" / "jsonfile"
+    root.mkdir(parents=True)
+    write_lines(root / "train.json", [{"prompt": "Q", "completion": "A"}, row])
+    write_lines(root / "eval.json", [{"prompt": "Q", "completion": "A"}])
+    with pytest.raises(DataError, match=f"train.json: row 2: .*{message}"):
+        get_raw_dataset(str(root), seed=0)
+
+
+def test_local_textfile_prompts_render_raw_under_none(tmp_path, tokenizer):
+    from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import load_chat_format
+    from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import tokenize_prompt
+    root = tmp_path / "local" / "textfile"
+    root.mkdir(parents=True)
+    (root / "train.txt").write_text("This movie was\n\nI watched it and\n", encoding="utf-8")
+    (root / "eval.txt").write_text("The plot\n", encoding="utf-8")
+    ds = get_raw_dataset(str(root), seed=0)
+    assert [e.messages for e in ds.train_examples()] == [(("user", "This movie was"),), (("user", "I watched it and"),)]
+    assert len(collect_examples([str(root)], [], "0,0,1", 3, 0)[0]) == 2
+    ids = tokenize_prompt(ds.train_examples()[0], load_chat_format("none", tokenizer), 64)["prompt_ids"]
+    assert ids == [tokenizer.bos_token_id] + tokenizer("This movie was", add_special_tokens=False)["input_ids"]
+    (root / "eval.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="eval.txt: not UTF-8"):
+        get_raw_dataset(str(root), seed=0)
+
+
+def test_anthropic_hh_rlhf_as_it_ships(tmp_path):
+    """<subset>/{train,test}.jsonl.gz of whole transcripts; the shared start is the prompt; red-team files are
+    not pairs and are left alone; rows that part before their last turn are skipped and counted."""
+    import gzip
+    root = tmp_path / "Anthropic" / "hh-rlhf"
+    convo = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sum 1 2\n\nAssistant:"
+    rows = {"train": [{"chosen": convo + " 3", "rejected": convo + " 4"},
+                      {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+                       "rejected": "\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: d"}],
+            "test": [{"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}]}
+    for subset in ("helpful-base", "red-team-attempts"):
+        (root / subset).mkdir(parents=True)
+    for split, data in rows.items():
+        with gzip.open(root / "helpful-base" / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in data)
+    with gzip.open(root / "red-team-attempts" / "red_team_attempts.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"transcript": "x"}) + "\n")
+    ds = get_raw_dataset(str(root), seed=0)
+    assert ds.name == "Anthropic/hh-rlhf"
+    assert ds.train_examples() == [Example(convo, " 3", " 4")]
+    assert ds.skipped == {"chosen and rejected differ before their last turn": 1}
+    assert ds.eval_examples() == [Example("\n\nHuman: Q\n\nAssistant:", " A", " B")]
+
+
+def test_stack_exchange_paired_as_it_ships(tmp_path):
+    root = tmp_path / "lvwerra" / "stack-exchange-paired"
+    for subset, rows in (("reward", [("How do I sort?", "Use sorted().", "Write a loop."),
+                                     ("Empty?", "", "x")]),
+                         ("evaluation", [("What is git?", "A version control system.", "A car.")])):
+        (root / "data" / subset).mkdir(parents=True)
+        table = pa.table({"qid": list(range(len(rows))), "question": [r[0] for r in rows],
+                          "response_j": [r[1] for r in rows], "response_k": [r[2] for r in rows]})
+        pq.write_table(table, root / "data" / subset / "train-00000-of-00001.parquet")
+    ds = get_raw_dataset(str(root), seed=0)
+    assert ds.name == "lvwerra/stack-exchange-paired"
+    assert ds.train_examples() == [Example("\n\nHuman: How do I sort?\n\nAssistant:", " Use sorted().",
+                                           " Write a loop.")]
+    assert ds.skipped == {"empty chosen": 1}
+    assert ds.eval_examples() == [Example("\n\nHuman: What is git?\n\nAssistant:", " A version control system.",
+                                          " A car.")]
+
+
 # ------------------------------------------------------------------------- picking the adapter
 
 
 def test_adapter_is_picked_by_the_most_specific_name(tmp_path):
     assert DATASET_NAMES == [
-        "Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
+        "Anthropic/hh-rlhf", "lvwerra/stack-exchange-paired", "Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
         "yitingxie/rlhf-reward-datasets", "openai/webgpt_comparisons", "stanfordnlp/SHP", "MultiTurnAlpaca",
-        "local/jsonfile",
+        "local/jsonfile", "local/textfile",
     ]
     # A folder whose path contains two names is read by the longer (more specific) one.
     root = tmp_path / "MultiTurnAlpaca" / "Dahoas" / "rm-static"

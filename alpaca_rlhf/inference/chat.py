@@ -41,11 +41,11 @@ def answer_message(model: ChatModel, history: list, message: str, settings: Gene
                    out=sys.stdout) -> str:
     """Build the prompt (oldest turns left out when the context is full), stream the answer, record the turn."""
     _, ids, dropped = build_chat_prompt(model.tokenizer, history, message,
-                                        model.max_prompt_tokens(settings.max_new_tokens))
+                                        model.max_prompt_tokens(settings.max_new_tokens), model.chat_format)
     if dropped:
         print(f"(the {dropped} oldest turn(s) no longer fit in the context and were left out)", file=sys.stderr)
     out.write("Assistant: ")
-    answer = print_streamed(stream_answer(model.model, model.tokenizer, ids, settings), out)
+    answer = print_streamed(stream_answer(model.model, model.tokenizer, ids, settings, model.stop_token_id), out)
     history.append((message, answer))
     return answer
 
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-        model = load_chat_model(args.path, args.dtype)
+        model = load_chat_model(args.path, args.dtype, chat_template=args.chat_template,
+                                system_prompt=args.system_prompt)
         check_room_for_prompt([model], settings.max_new_tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

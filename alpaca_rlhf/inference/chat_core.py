@@ -1,11 +1,13 @@
 """Chat logic shared by the gradio chatbot and the terminal chat, free of any UI.
 
     history + message --build_chat_prompt--> bos + prompt ids (oldest turns trimmed to fit the context)
-    prompt ids --stream_answer--> the answer so far, again and again (cut at EOS or the next "Human:" turn)
+    prompt ids --stream_answer--> the answer so far, again and again (cut at EOS, the template's end of turn or,
+                                  in the alpaca format, the next "Human:" turn)
 
-The prompt is built with the training format (`prompt_format.build_prompt`) and tokenized the way step 1 and
-step 3 tokenize prompts (bos + text without special tokens), so a model sees at inference time exactly what
-it was trained on. Only utils are imported, never a training script.
+The prompt is built with the format the model was trained in (--chat_template and --system_prompt, read from the
+model directory's training_args.json unless given: utils/data/chat_template.py) and tokenized the way step 1
+and step 3 tokenize prompts, so a model sees at inference time exactly what it was trained on. Only utils are
+imported, never a training script.
 """
 import os
 import threading
@@ -15,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import AlpacaFormat, ChatFormat, format_for_model
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import HUMAN, TURN_SEPARATOR, build_prompt
 from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
@@ -36,9 +39,26 @@ def _prompt_ids(tokenizer, text: str) -> List[int]:
     return bos_ids(tokenizer) + text_ids(tokenizer, text)
 
 
-def build_chat_prompt(tokenizer, history: History, message: str,
-                      max_prompt_tokens: int) -> Tuple[str, List[int], int]:
-    """(prompt text, prompt ids, number of oldest turns dropped) for `message` after `history`.
+def _is_alpaca_text(fmt: Optional[ChatFormat]) -> bool:
+    return fmt is None or (isinstance(fmt, AlpacaFormat) and not fmt.system_prompt)
+
+
+def _render(tokenizer, fmt: Optional[ChatFormat], history: History, message: str) -> Tuple[str, List[int]]:
+    if _is_alpaca_text(fmt):  # the training data's canonical text, tokenized as step 1 and step 3 do
+        text = build_prompt(history, message)
+        return text, _prompt_ids(tokenizer, text)
+    messages = []
+    for human, assistant in history:
+        messages += [{"role": "user", "content": human}, {"role": "assistant", "content": assistant}]
+    messages.append({"role": "user", "content": message})
+    text = fmt.prompt_text(fmt.with_system(messages))
+    return text, fmt.prompt_ids(messages)
+
+
+def build_chat_prompt(tokenizer, history: History, message: str, max_prompt_tokens: int,
+                      fmt: Optional[ChatFormat] = None) -> Tuple[str, List[int], int]:
+    """(prompt text, prompt ids, number of oldest turns dropped) for `message` after `history`, in the chat
+    format `fmt` (None: alpaca).
 
     When the prompt is longer than `max_prompt_tokens` (the context minus the tokens the answer may take),
     whole turns are dropped from the oldest on: the model still sees the latest exchanges intact. The current
@@ -46,8 +66,7 @@ def build_chat_prompt(tokenizer, history: History, message: str,
     """
     history = list(history)
     for dropped in range(len(history) + 1):
-        text = build_prompt(history[dropped:], message)
-        ids = _prompt_ids(tokenizer, text)
+        text, ids = _render(tokenizer, fmt, history[dropped:], message)
         if len(ids) <= max_prompt_tokens:
             return text, ids, dropped
     raise ValueError(f"message too long: {len(ids)} tokens, at most {max_prompt_tokens} "
@@ -135,10 +154,12 @@ class GenerationSettings:
                 raise ValueError(message)
         return self
 
-    def generate_kwargs(self, tokenizer) -> dict:
+    def generate_kwargs(self, tokenizer, stop_token_id: Optional[int] = None) -> dict:
+        """generate()'s arguments; stop_token_id: the chat template's end of turn, which ends answers too."""
+        stops = sorted({tokenizer.eos_token_id, stop_token_id} - {None})
         kwargs = dict(max_new_tokens=int(self.max_new_tokens), num_beams=int(self.num_beams),
                       repetition_penalty=float(self.repetition_penalty), do_sample=bool(self.do_sample),
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                      eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=tokenizer.pad_token_id)
         if self.do_sample:
             kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))
         else:
@@ -148,13 +169,14 @@ class GenerationSettings:
         return kwargs
 
 
-def stream_answer(model, tokenizer, prompt_ids: Sequence[int], settings: GenerationSettings) -> Iterator[str]:
+def stream_answer(model, tokenizer, prompt_ids: Sequence[int], settings: GenerationSettings,
+                  stop_token_id: Optional[int] = None) -> Iterator[str]:
     """Yield the answer so far (stripped, cut at the next "Human:" turn) while it is generated; the last value
-    is the whole answer. Generation ends at EOS, at the marker or after max_new_tokens. With beam search the
-    answer is only known at the end, so it is yielded once."""
+    is the whole answer. Generation ends at EOS, at stop_token_id (a chat template's end of turn), at the marker
+    or after max_new_tokens. With beam search the answer is only known at the end, so it is yielded once."""
     settings.validate()
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-    kwargs = dict(settings.generate_kwargs(tokenizer), input_ids=input_ids,
+    kwargs = dict(settings.generate_kwargs(tokenizer, stop_token_id), input_ids=input_ids,
                   attention_mask=torch.ones_like(input_ids))
     if settings.num_beams > 1:
         yield _beam_answer(model, tokenizer, kwargs)
@@ -257,6 +279,11 @@ class ChatModel:
     model: torch.nn.Module
     tokenizer: object
     context_length: int
+    chat_format: Optional[ChatFormat] = None  # None: alpaca
+
+    @property
+    def stop_token_id(self) -> Optional[int]:
+        return None if self.chat_format is None else self.chat_format.stop_token_id
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         """Room left for the prompt once the answer's tokens are set aside."""
@@ -272,9 +299,10 @@ def context_length(model, tokenizer) -> int:
     return int(limit or min(tokenizer.model_max_length, 2048))
 
 
-def load_chat_model(path: str, dtype: str = "auto", device: Optional[str] = None,
-                    name: Optional[str] = None) -> ChatModel:
-    """Tokenizer and causal LM from an exported directory (safetensors, no remote code), on `device`."""
+def load_chat_model(path: str, dtype: str = "auto", device: Optional[str] = None, name: Optional[str] = None,
+                    chat_template: Optional[str] = None, system_prompt: Optional[str] = None) -> ChatModel:
+    """Tokenizer and causal LM from an exported directory (safetensors, no remote code), on `device`.
+    chat_template / system_prompt: None takes what the model was trained with (trained_chat_format)."""
     from transformers import AutoModelForCausalLM
     check_model_dir(path)
     _check_causal_lm(path)
@@ -289,8 +317,9 @@ def load_chat_model(path: str, dtype: str = "auto", device: Optional[str] = None
         raise UserError(f"cannot load the model in {path}: {e}") from e
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {path} has no eos token; answers end with it")
+    fmt = format_for_model(path, tokenizer, chat_template, system_prompt)
     model.eval()
-    return ChatModel(name or path, model, tokenizer, context_length(model, tokenizer))
+    return ChatModel(name or path, model, tokenizer, context_length(model, tokenizer), fmt)
 
 
 # ----------------------------------------------------------------------------------------------- CLI pieces
@@ -299,6 +328,11 @@ def add_generation_args(parser, max_new_tokens: int = 128):
     d = GenerationSettings(max_new_tokens=max_new_tokens)
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights precision (auto: fp32 on CPU, bf16 or fp16 on a GPU)")
+    parser.add_argument("--chat_template", default=None,
+                        help="alpaca, model, none or a Jinja file (default: what the model was trained with, from "
+                             "its training_args.json; alpaca without one)")
+    parser.add_argument("--system_prompt", default=None,
+                        help="system message before the conversation (default: the one the model was trained with)")
     parser.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="answer length limit")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")

@@ -113,7 +113,7 @@ def make_chat_fn(models: Sequence[ChatModel]):
 
 def _prompt_for(model: ChatModel, history: List[dict], message: str, settings: GenerationSettings):
     _, ids, dropped = build_chat_prompt(model.tokenizer, to_turns(history), message,
-                                        model.max_prompt_tokens(settings.max_new_tokens))
+                                        model.max_prompt_tokens(settings.max_new_tokens), model.chat_format)
     if dropped:
         gr.Info(f"{model.name}: the {dropped} oldest turn(s) no longer fit in the context and were left out")
     return ids
@@ -122,7 +122,7 @@ def _prompt_for(model: ChatModel, history: List[dict], message: str, settings: G
 def _stream_into(model: ChatModel, history: List[dict], prompt_ids, settings, histories):
     """Fill the last (assistant) message of `history` as the answer streams in; a failure becomes a notice."""
     try:
-        for answer in stream_answer(model.model, model.tokenizer, prompt_ids, settings):
+        for answer in stream_answer(model.model, model.tokenizer, prompt_ids, settings, model.stop_token_id):
             history[-1]["content"] = answer
             yield ("", *histories)
     except Exception as e:  # a chat server keeps serving: report it in the chat and in the log
@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     try:
         _check_args(args)
         settings = settings_from_args(args)
-        models = [load_chat_model(path, args.dtype, name=path) for path in args.path]
+        models = [load_chat_model(path, args.dtype, name=path, chat_template=args.chat_template,
+                                  system_prompt=args.system_prompt) for path in args.path]
         check_room_for_prompt(models, settings.max_new_tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

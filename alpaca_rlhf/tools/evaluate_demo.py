@@ -27,7 +27,8 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import format_answer
+from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import AlpacaFormat, ChatFormat, format_for_model
+from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import format_answer, parse_conversation
 from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import gather_log_probs
@@ -99,18 +100,33 @@ def load_prompts(data: str, num_prompts: int, seed: int = 1234) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------ generation
+def _templated(fmt: Optional[ChatFormat]) -> bool:
+    """Whether prompts are rendered by a chat format rather than taken as the demo's canonical text."""
+    return fmt is not None and not (isinstance(fmt, AlpacaFormat) and not fmt.system_prompt)
+
+
+def prompt_ids_for(tokenizer, prompt: str, fmt: Optional[ChatFormat] = None) -> List[int]:
+    """[bos] + the canonical prompt text, or the prompt's conversation rendered by `fmt` (--chat_template)."""
+    if _templated(fmt):
+        return fmt.prompt_ids(parse_conversation(prompt))
+    return bos_ids(tokenizer) + text_ids(tokenizer, prompt)
+
+
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, do_sample: bool = False,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 32,
-                     progress: bool = True, desc: str = "generate") -> List[Generation]:
-    """Answer each prompt ([bos] + prompt, left-padded in batches) with model.generate; stop at EOS."""
+                     progress: bool = True, desc: str = "generate",
+                     fmt: Optional[ChatFormat] = None) -> List[Generation]:
+    """Answer each prompt ([bos] + prompt, left-padded in batches) with model.generate; stop at EOS (or at the
+    chat format's end of turn)."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample \
         else dict(do_sample=False)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id if fmt is None else fmt.stop_token_id
+    pad = tokenizer.pad_token_id
     device = _device_of(model)
     out: List[Generation] = []
     with _eval_mode(model), torch.inference_mode():
         for chunk in _batches(list(prompts), batch_size, desc, progress):
-            rows = [bos_ids(tokenizer) + text_ids(tokenizer, p) for p in chunk]
+            rows = [prompt_ids_for(tokenizer, p, fmt) for p in chunk]
             ids, mask = _pad(rows, pad, left=True)                                    # (B, P)
             seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
@@ -124,22 +140,28 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def reward_input_ids(tokenizer, g: Generation) -> List[int]:
+def reward_input_ids(tokenizer, g: Generation, fmt: Optional[ChatFormat] = None) -> List[int]:
     """[bos] + prompt + answer (+ eos if the answer ended with EOS), prompt and answer tokenized apart, the
-    answer in its canonical form (" text") as the reward model was trained on it."""
+    answer in its canonical form (" text") as the reward model was trained on it; with a chat format, the
+    prompt rendered by it and the answer ended by its end of turn."""
+    stop = tokenizer.eos_token_id if fmt is None else fmt.stop_token_id
+    if _templated(fmt):
+        return fmt.prompt_ids(parse_conversation(g.prompt)) + text_ids(tokenizer, g.answer.strip()) + \
+            ([stop] if g.ended_with_eos else [])
     answer = format_answer(g.answer) if g.answer.strip() else ""
     return bos_ids(tokenizer) + text_ids(tokenizer, g.prompt) + text_ids(tokenizer, answer) + \
-        ([tokenizer.eos_token_id] if g.ended_with_eos else [])
+        ([stop] if g.ended_with_eos else [])
 
 
 def reward_scores(reward_model, tokenizer, generations: Sequence[Generation], batch_size: int = 32,
-                  progress: bool = False) -> List[float]:
+                  progress: bool = False, fmt: Optional[ChatFormat] = None) -> List[float]:
     """The reward model's end score (value at the last real token) of each prompt + answer."""
     device = _device_of(reward_model)
     scores: List[float] = []
     with _eval_mode(reward_model), torch.inference_mode():
         for chunk in _batches(list(generations), batch_size, "reward", progress):
-            ids, mask = _pad([reward_input_ids(tokenizer, g) for g in chunk], tokenizer.pad_token_id, left=False)
+            ids, mask = _pad([reward_input_ids(tokenizer, g, fmt) for g in chunk], tokenizer.pad_token_id,
+                             left=False)
             out = reward_model.forward_value(ids.to(device), mask.to(device))
             scores.extend(out["chosen_end_scores"].float().cpu().tolist())          # (B,)
     return scores
@@ -223,19 +245,21 @@ def evaluate_model(model, tokenizer, prompts: Sequence[str], reward_model=None, 
                    rm_stats: Optional[dict] = None, reference_model=None, max_new_tokens: int = 48,
                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    batch_size: int = 32, seed: Optional[int] = 1234, num_samples: int = 8,
-                   progress: bool = True, name: str = "model") -> dict:
-    """Generate answers to `prompts` and score them (see summarize for the keys)."""
+                   progress: bool = True, name: str = "model", fmt: Optional[ChatFormat] = None,
+                   reward_fmt: Optional[ChatFormat] = None) -> dict:
+    """Generate answers to `prompts` and score them (see summarize for the keys). fmt / reward_fmt: the chat
+    formats of the model and of the reward model (None: the demo's canonical text)."""
     if seed is not None:
         torch.manual_seed(seed)  # every model samples from the same stream, whatever the order
     generations = generate_answers(model, tokenizer, prompts, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                   batch_size, progress, desc=f"generate {name}")
+                                   batch_size, progress, desc=f"generate {name}", fmt=fmt)
     rm = None
     if reward_model is not None:
-        rm = reward_scores(reward_model, reward_tokenizer or tokenizer, generations, batch_size)
+        rm = reward_scores(reward_model, reward_tokenizer or tokenizer, generations, batch_size, fmt=reward_fmt)
     kl = None
     if reference_model is not None:
-        kl = kl_to_reference(model, reference_model, generations, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             batch_size)
+        stop = tokenizer.eos_token_id if fmt is None else fmt.stop_token_id
+        kl = kl_to_reference(model, reference_model, generations, stop, tokenizer.pad_token_id, batch_size)
     return {"model": name, **summarize(generations, rm, rm_stats, kl, num_samples)}
 
 
@@ -302,6 +326,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output_json", help="Write all metrics and samples here (atomically).")
     p.add_argument("--samples", type=int, default=8, help="Sample rows kept per model. Default 8.")
+    p.add_argument("--chat_template", default=None,
+                   help="alpaca, model, none or a Jinja file (default: what each model was trained with, from its "
+                        "training_args.json; alpaca without one)")
+    p.add_argument("--system_prompt", default=None, help="System message (default: the one each model was trained "
+                                                         "with)")
     return p.parse_args(argv)
 
 
@@ -314,18 +343,21 @@ def run(args) -> List[dict]:
         raise UserError("--num_prompts, --batch_size and --max_new_tokens must be at least 1")
     prompts = load_prompts(args.data, args.num_prompts, args.seed)
     device = default_device()
-    rm = rm_tok = rm_stats = ref = None
+    rm = rm_tok = rm_stats = rm_fmt = ref = None
     if args.reward_model:
         rm, rm_tok = _load("reward model", args.reward_model, lambda p: _load_reward_model(p, device))
         rm_stats = load_reward_stats(args.reward_model)
+        rm_fmt = format_for_model(args.reward_model, rm_tok, args.chat_template, args.system_prompt)
     if args.reference_model:
         ref, _ = _load("reference model", args.reference_model, lambda p: _load_causal_lm(p, device))
     results = []
     for path in args.model:
         model, tokenizer = _load("model", path, lambda p: _load_causal_lm(p, device))
+        fmt = format_for_model(path, tokenizer, args.chat_template, args.system_prompt)
         results.append(evaluate_model(
             model, tokenizer, prompts, rm, rm_tok, rm_stats, ref, args.max_new_tokens, args.do_sample,
-            args.temperature, args.top_k, args.top_p, args.batch_size, args.seed, args.samples, name=path))
+            args.temperature, args.top_k, args.top_p, args.batch_size, args.seed, args.samples, name=path, fmt=fmt,
+            reward_fmt=rm_fmt))
         del model
     return results
 

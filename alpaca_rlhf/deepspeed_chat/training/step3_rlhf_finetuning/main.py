@@ -26,6 +26,7 @@ from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.rlhf_engine impor
 from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import (DataCollatorRLHF, DataCollatorSFT,
                                                                       create_prompt_dataset, make_dataloader)
+from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import format_from_args
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import split_turns
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import progress_bar
@@ -59,11 +60,12 @@ def main():
     args.device = dist.device
     tokenizer = tokenizer_from_args(args, args.actor_model_name_or_path)
     tokenizer.padding_side = "left"
+    chat_format = format_from_args(args, tokenizer)
 
     # prompts (the step-3 slice of --data_split) and, for PTX, supervised data
     prompt_train, prompt_eval = create_prompt_dataset(args.local_rank, args.data_path, args.data_split,
                                                       args.data_output_path, 3, args.seed, tokenizer,
-                                                      args.max_prompt_seq_len)
+                                                      args.max_prompt_seq_len, chat_format=chat_format)
     prompt_train, prompt_eval = prompt_train.subset(args.max_train_samples), prompt_eval.subset(args.max_eval_samples)
     collator = DataCollatorRLHF(args.max_prompt_seq_len, tokenizer.pad_token_id)
     prompt_loader = make_dataloader(prompt_train, collator, args.per_device_generation_batch_size, True, args.seed,
@@ -73,7 +75,8 @@ def main():
     if args.unsupervised_dataset_name:
         ptx_data, _ = create_prompt_dataset(args.local_rank, [], "10,0,0", args.data_output_path, 1, args.seed,
                                             tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len,
-                                            sft_only_data_path=[args.unsupervised_dataset_name])
+                                            sft_only_data_path=[args.unsupervised_dataset_name],
+                                            chat_format=chat_format, train_on_all_turns=args.train_on_all_turns)
         ptx_batches = cycle(make_dataloader(ptx_data, DataCollatorSFT(tokenizer.pad_token_id),
                                             args.per_device_training_batch_size, True, args.seed))
 
@@ -81,7 +84,8 @@ def main():
     total_steps = step3_args.optimizer_steps(args, iterations_per_epoch)
     engine = DeepSpeedRLHFEngine(args, tokenizer, total_steps)
     ground_truth = ground_truth_scorer(args.data_path)
-    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth)
+    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth,
+                         stop_token_id=chat_format.stop_token_id)
 
     # resume from the newest complete checkpoint, if any
     checkpoint = latest_checkpoint(args.output_dir) if (args.resume or not args.no_auto_resume) else None

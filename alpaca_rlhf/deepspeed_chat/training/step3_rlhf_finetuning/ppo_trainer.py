@@ -84,12 +84,14 @@ def any_rank(flag: bool, device) -> bool:
 
 class PPOTrainer:
     def __init__(self, engine, args, reward_stats: Optional[dict] = None, ptx_batches=None,
-                 ground_truth: Optional[Callable[[str, str], float]] = None):
+                 ground_truth: Optional[Callable[[str, str], float]] = None, stop_token_id: Optional[int] = None):
         self.engine, self.args = engine, args
         self.actor, self.critic = engine.actor, engine.critic
         self.tokenizer = engine.tokenizer
-        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        # the token that ends an answer; -1 (never sampled) with --ignore_eos
+        # the token that ends an answer: EOS, or the chat template's end of turn (stop_token_id, chat_template.py)
+        self.eos = self.tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+        self.pad = self.tokenizer.pad_token_id
+        # -1 (never sampled) with --ignore_eos
         self.stop = -1 if args.ignore_eos else self.eos
         self.reward_stats = reward_stats  # {"mean", "std"} or None (no normalisation)
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target

@@ -60,6 +60,14 @@ def add_tokenizer_args(parser):
     g.add_argument("--add_eot_token", action="store_true",
                    help="Append --eot_token to every answer and add it to the tokenizer (off: EOS ends answers).")
     g.add_argument("--eot_token", type=str, default="<|endoftext|>", help="End-of-turn string for --add_eot_token.")
+    g.add_argument("--chat_template", type=str, default="alpaca",
+                   help="How conversations become text: alpaca (default, DeepSpeed-Chat's '\\n\\nHuman: q"
+                        "\\n\\nAssistant: a' + EOS), model (the tokenizer's own chat template; its end-of-turn token "
+                        "ends answers), PATH (a Jinja template file), none (raw text continuation).")
+    g.add_argument("--system_prompt", type=str, default=None,
+                   help="A system message before every conversation that has none (default: none).")
+    g.add_argument("--train_on_all_turns", action="store_true",
+                   help="Step 1: train every assistant turn of a multi-turn example (default: the last turn only).")
     return g
 
 

@@ -3,9 +3,12 @@
     raw adapters (raw_datasets.py) -> canonical Examples -> seeded --data_split slice for the phase
       -> tokenized arrays (cached under --data_output_path, no pickles) -> TokenizedDataset -> collators
 
-Phase 1 (SFT): bos + prompt + answer + eos, loss only on answer + eos (prompt labelled -100).
+Phase 1 (SFT): bos + prompt + answer + end of turn, loss only on the answer and its end (the rest labelled -100;
+with --train_on_all_turns on every assistant turn of the conversation).
 Phase 2 (reward / DPO): the same sequence for the chosen and for the rejected answer, plus the prompt length.
 Phase 3 (PPO): bos + prompt only; the answers are generated.
+The text is rendered by the --chat_template format (chat_template.py); the default, alpaca, is
+"\n\nHuman: q\n\nAssistant:" + " a" + EOS.
 Sequences longer than --max_seq_len keep their LAST tokens: the answer and its EOS (where the reward is
 read and the SFT loss is taken) survive; the start of a long conversation history is what gets cut.
 """
@@ -23,11 +26,12 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..utils import barrier, is_rank_0, print_rank_0
+from .chat_template import IGNORE_INDEX, AlpacaFormat, ChatFormat, JinjaFormat, format_from_args, load_chat_format
+from .prompt_format import parse_conversation
 from .raw_datasets import Example, get_raw_dataset
 from .token_ids import bos_ids, text_ids
 
-CACHE_FORMAT_VERSION = 1
-IGNORE_INDEX = -100
+CACHE_FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------- splitting
@@ -57,31 +61,61 @@ def _keep_last(ids: List[int], max_len: int) -> Tuple[List[int], int]:
     return ids[cut:], cut
 
 
-def _sequence(tokenizer, prompt: str, answer: str, max_seq_len: int, eot: str) -> Tuple[List[int], int]:
-    """bos + prompt + answer (+ eot) + eos, and the prompt length (bos, where the tokenizer has one, included)
-    after truncation.
-    Prompt and answer are tokenized apart: that is how rollouts and the chatbot see them."""
-    prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, prompt)
-    answer_ids = text_ids(tokenizer, answer + eot) + [tokenizer.eos_token_id]
-    ids, cut = _keep_last(prompt_ids + answer_ids, max_seq_len)
-    return ids, max(0, len(prompt_ids) - cut)
+def prompt_messages(example: Example) -> List[dict]:
+    """The conversation before the answer: the example's own messages, or those of its canonical prompt text."""
+    if example.messages is not None:
+        return [{"role": role, "content": content} for role, content in example.messages]
+    return parse_conversation(example.prompt)
 
 
-def tokenize_sft(example: Example, tokenizer, max_seq_len: int, eot: str = "") -> Dict[str, List[int]]:
-    ids, prompt_len = _sequence(tokenizer, example.prompt, example.chosen, max_seq_len, eot)
-    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+def _as_text(fmt: ChatFormat, example: Example) -> bool:
+    """Today's path, byte for byte: the alpaca format over a canonical prompt text, nothing to add to it."""
+    return isinstance(fmt, AlpacaFormat) and example.messages is None and not fmt.system_prompt
+
+
+def _sequence(fmt: ChatFormat, example: Example, answer: str, max_seq_len: int,
+              all_turns: bool = False) -> Tuple[List[int], List[int], int]:
+    """(ids, labels, prompt length) of the conversation ending with `answer`, truncated to its last max_seq_len
+    tokens. Prompt and answer are tokenized apart: that is how rollouts and the chatbot see them. The prompt
+    length counts the tokens before the final answer (BOS, where due, included)."""
+    tokenizer = fmt.tokenizer
+    if _as_text(fmt, example) and not all_turns:
+        prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, example.prompt)
+        answer_ids = text_ids(tokenizer, answer + fmt.answer_suffix) + [tokenizer.eos_token_id]
+        ids, labels = prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    else:
+        ids, labels = fmt.sequence(prompt_messages(example) + [{"role": "assistant", "content": answer}], all_turns)
+    answer_len = len(labels) - _last_label_run_start(labels)
+    ids, cut = _keep_last(ids, max_seq_len)
+    return ids, labels[cut:], max(0, len(ids) - answer_len)
+
+
+def _last_label_run_start(labels: List[int]) -> int:
+    """Where the final run of labelled tokens (the last answer and its end of turn) starts."""
+    i = len(labels)
+    while i > 0 and labels[i - 1] != IGNORE_INDEX:
+        i -= 1
+    return i
+
+
+def tokenize_sft(example: Example, fmt: ChatFormat, max_seq_len: int, all_turns: bool = False) -> Dict[str, List[int]]:
+    ids, labels, _ = _sequence(fmt, example, example.chosen, max_seq_len, all_turns)
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_pair(example: Example, tokenizer, max_seq_len: int, eot: str = "") -> Dict[str, List[int]]:
-    chosen, chosen_prompt_len = _sequence(tokenizer, example.prompt, example.chosen, max_seq_len, eot)
-    rejected, rejected_prompt_len = _sequence(tokenizer, example.prompt, example.rejected, max_seq_len, eot)
+def tokenize_pair(example: Example, fmt: ChatFormat, max_seq_len: int) -> Dict[str, List[int]]:
+    chosen, _, chosen_prompt_len = _sequence(fmt, example, example.chosen, max_seq_len)
+    rejected, _, rejected_prompt_len = _sequence(fmt, example, example.rejected, max_seq_len)
     return {"chosen_ids": chosen, "rejected_ids": rejected,
             "prompt_len": [chosen_prompt_len, rejected_prompt_len]}
 
 
-def tokenize_prompt(example: Example, tokenizer, max_prompt_len: int) -> Dict[str, List[int]]:
-    ids, _ = _keep_last(bos_ids(tokenizer) + text_ids(tokenizer, example.prompt), max_prompt_len)
+def tokenize_prompt(example: Example, fmt: ChatFormat, max_prompt_len: int) -> Dict[str, List[int]]:
+    if _as_text(fmt, example):
+        ids = bos_ids(fmt.tokenizer) + text_ids(fmt.tokenizer, example.prompt)
+    else:
+        ids = fmt.prompt_ids(prompt_messages(example))
+    ids, _ = _keep_last(ids, max_prompt_len)
     return {"prompt_ids": ids}
 
 
@@ -138,12 +172,18 @@ class TokenizedDataset(Dataset):
 PHASE_FIELDS = {1: ("input_ids", "labels"), 2: ("chosen_ids", "rejected_ids", "prompt_len"), 3: ("prompt_ids",)}
 
 
-def _tokenize(example: Example, phase: int, tokenizer, max_seq_len: int, eot: str):
+def _tokenize(example: Example, phase: int, fmt: ChatFormat, max_seq_len: int, all_turns: bool):
     if phase == 1:
-        return tokenize_sft(example, tokenizer, max_seq_len, eot)
+        return tokenize_sft(example, fmt, max_seq_len, all_turns)
     if phase == 2:
-        return tokenize_pair(example, tokenizer, max_seq_len, eot)
-    return tokenize_prompt(example, tokenizer, max_seq_len)
+        return tokenize_pair(example, fmt, max_seq_len)
+    return tokenize_prompt(example, fmt, max_seq_len)
+
+
+def format_fingerprint(fmt: ChatFormat, all_turns: bool) -> list:
+    """What of the chat format changes the tokenized data."""
+    return [fmt.name, getattr(fmt, "template", None) if isinstance(fmt, JinjaFormat) else None, fmt.system_prompt,
+            fmt.answer_suffix, bool(all_turns)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -166,11 +206,11 @@ def source_fingerprint(path_or_name: str) -> list:
     return [os.path.abspath(path_or_name), sorted(files)]
 
 
-def cache_key(sources, sft_only, data_split, phase, seed, tokenizer, max_seq_len, eot) -> str:
+def cache_key(sources, sft_only, data_split, phase, seed, tokenizer, max_seq_len, chat_format) -> str:
     payload = json.dumps({"v": CACHE_FORMAT_VERSION, "sources": [source_fingerprint(s) for s in sources],
                           "sft_only": [source_fingerprint(s) for s in sft_only], "split": data_split,
                           "phase": phase, "seed": seed, "tokenizer": tokenizer_fingerprint(tokenizer),
-                          "max_seq_len": max_seq_len, "eot": eot}, sort_keys=True)
+                          "max_seq_len": max_seq_len, "chat_format": chat_format}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -191,6 +231,12 @@ def collect_examples(data_path: Sequence[str], sft_only_data_path: Sequence[str]
             train.extend(raw.train_examples())
             evaluation.extend(raw.eval_examples())
             skipped.update({f"{raw.name}: {k}": v for k, v in raw.skipped.items()})
+    if phase in (1, 2):  # prompt-only rows (no answer) serve step 3 alone
+        for split in (train, evaluation):
+            prompt_only = sum(1 for e in split if not e.chosen)
+            if prompt_only:
+                split[:] = [e for e in split if e.chosen]
+                skipped["prompt only (no answer)"] += prompt_only
     if phase == 2:
         for split in (train, evaluation):
             missing = [e for e in split if e.rejected is None]
@@ -199,7 +245,8 @@ def collect_examples(data_path: Sequence[str], sft_only_data_path: Sequence[str]
     return train, evaluation, skipped
 
 
-def build_phase_data(data_path, sft_only_data_path, data_split, phase, seed, tokenizer, max_seq_len, eot=""):
+def build_phase_data(data_path, sft_only_data_path, data_split, phase, seed, fmt: ChatFormat, max_seq_len,
+                     all_turns: bool = False):
     train, evaluation, skipped = collect_examples(data_path, sft_only_data_path, data_split, phase, seed)
     if skipped:
         print_rank_0("skipped rows: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
@@ -208,7 +255,7 @@ def build_phase_data(data_path, sft_only_data_path, data_split, phase, seed, tok
                           f"with --data_split {data_split}")
     datasets = []
     for name, examples in (("train", train), ("eval", evaluation)):
-        rows = [_tokenize(e, phase, tokenizer, max_seq_len, eot)
+        rows = [_tokenize(e, phase, fmt, max_seq_len, all_turns)
                 for e in tqdm(examples, desc=f"tokenizing {name} (step {phase})", disable=not is_rank_0(),
                               leave=False)]
         datasets.append(TokenizedDataset.from_rows(rows, PHASE_FIELDS[phase]))
@@ -216,18 +263,20 @@ def build_phase_data(data_path, sft_only_data_path, data_split, phase, seed, tok
 
 
 def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_phase, seed, tokenizer,
-                          max_seq_len, sft_only_data_path=(), end_of_conversation_token: Optional[str] = None):
+                          max_seq_len, sft_only_data_path=(), end_of_conversation_token: Optional[str] = None,
+                          chat_format: Optional[ChatFormat] = None, train_on_all_turns: bool = False):
     """(train, eval) TokenizedDatasets for a phase. Rank 0 builds and caches them; the others wait and load
-    the same files, so every rank trains on identical data. (Signature follows DeepSpeed-Chat's.)"""
-    eot = end_of_conversation_token or ""
+    the same files, so every rank trains on identical data. (Signature follows DeepSpeed-Chat's; chat_format
+    defaults to alpaca with end_of_conversation_token after each answer.)"""
+    fmt = chat_format or load_chat_format(None, tokenizer, answer_suffix=end_of_conversation_token or "")
     key = cache_key(data_path, sft_only_data_path if train_phase == 1 else [], data_split, train_phase, seed,
-                    tokenizer, max_seq_len, eot)
+                    tokenizer, max_seq_len, format_fingerprint(fmt, train_on_all_turns and train_phase == 1))
     os.makedirs(output_path, exist_ok=True)
     train_file = os.path.join(output_path, f"phase{train_phase}_train_{key}.npz")
     eval_file = os.path.join(output_path, f"phase{train_phase}_eval_{key}.npz")
     if is_rank_0() and not (os.path.exists(train_file) and os.path.exists(eval_file)):
         train, evaluation = build_phase_data(data_path, sft_only_data_path, data_split, train_phase, seed,
-                                             tokenizer, max_seq_len, eot)
+                                             fmt, max_seq_len, train_on_all_turns)
         evaluation.save(eval_file)
         train.save(train_file)
     barrier()
@@ -307,7 +356,7 @@ def supervised_loaders(args, tokenizer, phase: int, collator):
     train, evaluation = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, phase, args.seed, tokenizer,
         args.max_seq_len, getattr(args, "sft_only_data_path", ()) if phase == 1 else (),
-        args.eot_token if args.add_eot_token else None)
+        chat_format=format_from_args(args, tokenizer), train_on_all_turns=getattr(args, "train_on_all_turns", False))
     train, evaluation = train.subset(args.max_train_samples), evaluation.subset(args.max_eval_samples)
     return (make_dataloader(train, collator, args.per_device_train_batch_size, True, args.seed),
             make_dataloader(evaluation, collator, args.per_device_eval_batch_size, False, args.seed))

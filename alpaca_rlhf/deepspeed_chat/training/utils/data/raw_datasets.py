@@ -14,6 +14,7 @@ rejected, tied scores) is skipped and counted in `RawDataset.skipped` by reason.
 """
 import collections
 import glob
+import gzip
 import json
 import os
 import random
@@ -30,6 +31,9 @@ class Example:
     prompt: str  # canonical prompt, ends with "\n\nAssistant:"
     chosen: str  # canonical answer, starts with " "
     rejected: Optional[str]  # None for SFT-only data; "" is a valid (empty) rejected answer
+    # the conversation before the answer as ((role, content), ...), roles system/user/assistant, where the source
+    # gives messages (chat templates render these; a system message has no place in the canonical text); else None
+    messages: Optional[Tuple[Tuple[str, str], ...]] = None
 
 
 # One record to convert: (where it came from: a file or a hub split, its 1-based row/line number, the record).
@@ -130,7 +134,7 @@ class RawDataset:
         if not os.path.isfile(file):
             raise DataError(f"{file}: file not found (expected it in {self.name}'s folder)")
         found = False
-        with open(file, encoding="utf-8") as f:
+        with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -431,17 +435,21 @@ class MultiTurnAlpaca(RawDataset):
 
 
 class LocalJsonFile(RawDataset):
-    """Your own data: train.json and eval.json (JSON array or JSON lines) in the folder.
+    """Your own data: train.json and eval.json (JSON array or JSON lines) in the folder. The columns pick the kind:
 
-    Rows are pairs {"prompt", "chosen", "rejected"} or ranked answers {"prompt", "answers", "scores"} (higher
-    is better) / {"prompt", "answers", "ranking"} (indices, best first), which expand into every (better,
-    worse) pair. A prompt is text (plain, or a Human/Assistant transcript) or a list of {role, content}
-    messages; an answer is text or a message list whose last assistant message is the answer.
+    - preference pairs {"prompt", "chosen", "rejected"}, or ranked answers {"prompt", "answers", "scores"} (higher
+      is better) / {"prompt", "answers", "ranking"} (indices, best first), which expand into every (better, worse)
+      pair. A prompt is text (plain, or a Human/Assistant transcript) or a list of {role, content} messages
+      (system, user, assistant; ending with a user turn); an answer is text or a message list whose last
+      assistant message is the answer.
+    - preference with an implicit prompt (TRL's style): {"chosen", "rejected"} whole conversations (message lists,
+      or Human/Assistant transcripts as Anthropic/hh-rlhf ships them); their shared beginning is the prompt.
+    - conversational SFT: {"messages": [...]} ending with an assistant turn, or {"prompt", "completion"}.
+    - prompt only (step 3): {"prompt"} alone; steps 1 and 2 skip such rows (counted).
     """
 
     name = "local/jsonfile"
     on_hub = False
-    columns = ("prompt",)
 
     def _read(self):
         return (
@@ -452,27 +460,59 @@ class LocalJsonFile(RawDataset):
     def _convert(self, rows: Iterable[Row]) -> List[Example]:
         examples = []
         for where, number, r in rows:
-            if "prompt" not in r:
-                raise DataError(f"{where}: row {number}: missing key prompt (expected prompt, chosen, rejected)")
-            prompt = self._prompt(r["prompt"], where, number)
-            if prompt is None:
+            if "messages" in r:
+                conversation = _messages(r["messages"], where, number, "messages")
+                if not conversation or conversation[-1][0] != "assistant":
+                    raise DataError(f"{where}: row {number}: messages should end with an assistant turn")
+                pairs, context = [(conversation[-1][1], None)], conversation[:-1]
+            elif "prompt" not in r and "chosen" in r and "rejected" in r:
+                context, chosen, rejected = self._implicit_prompt(r, where, number)
+                pairs = [(chosen, rejected)]
+            elif "prompt" in r:
+                context = self._context(r["prompt"], where, number)
+                pairs = self._pairs(r, where, number)
+            else:
+                raise DataError(f"{where}: row {number}: expected columns prompt (+ chosen, rejected | answers | "
+                                f"completion), messages, or chosen and rejected conversations")
+            if context is None:
                 continue
-            for chosen, rejected in self._pairs(r, where, number):
+            prompt = _canonical_prompt(context)
+            if prompt is None:
+                self._skip("prompt does not end with a Human turn")
+                continue
+            # a text prompt stays text (its canonical form is what it always tokenized as); messages stay messages
+            messages = None if isinstance(r.get("prompt"), str) else context
+            for chosen, rejected in pairs:
+                if chosen is None:  # a prompt-only row: step 3 reads its prompt, steps 1 and 2 skip it
+                    if any(content for _, content in context):
+                        examples.append(Example(prompt, "", None, messages))
+                    else:
+                        self._skip("empty prompt")
+                    continue
                 example = self._make(prompt, chosen, rejected)
                 if example:
-                    examples.append(example)
+                    examples.append(Example(example.prompt, example.chosen, example.rejected, messages))
         return examples
 
-    def _prompt(self, value, where: str, number: int) -> Optional[str]:
+    def _context(self, value, where: str, number: int) -> Optional[Tuple[Tuple[str, str], ...]]:
+        """The conversation a prompt column holds: messages, or a transcript / plain text (one user turn)."""
         if isinstance(value, list):
-            try:
-                return messages_to_prompt(value) if value else ""
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{where}: row {number}: bad prompt messages ({e}); expected [{{role, content}}, ...] "
-                                f"ending with a user turn") from None
-        return self._normalized_prompt(_text(value, where, number, "prompt"))
+            return _messages(value, where, number, "prompt")
+        return tuple((m["role"], m["content"]) for m in parse_conversation(_text(value, where, number, "prompt")))
 
-    def _pairs(self, r: dict, where: str, number: int) -> List[Tuple[str, str]]:
+    def _implicit_prompt(self, r: dict, where: str, number: int):
+        """(prompt messages, chosen answer, rejected answer) of two whole conversations sharing their start."""
+        chosen, rejected = (_conversation(r[k], where, number, k) for k in ("chosen", "rejected"))
+        split = split_implicit_prompt(chosen, rejected)
+        if isinstance(split, str):
+            raise DataError(f"{where}: row {number}: {split}")
+        return split
+
+    def _pairs(self, r: dict, where: str, number: int) -> List[Tuple[Optional[str], Optional[str]]]:
+        if "completion" in r:
+            return [(self._answer(r["completion"], where, number, "completion"), None)]
+        if "answers" not in r and "chosen" not in r and "rejected" not in r:
+            return [(None, None)]  # prompt only
         if "answers" not in r:
             for key in ("chosen", "rejected"):
                 if key not in r:
@@ -522,7 +562,166 @@ class LocalJsonFile(RawDataset):
         return _text(value, where, number, key)
 
 
+class LocalTextFile(RawDataset):
+    """Prompts for step 3 as plain text: train.txt and eval.txt in the folder, one prompt per line (blank lines
+    ignored), e.g. review openings to continue with --chat_template none (TRL's IMDB setting). Steps 1 and 2 find
+    no answers here."""
+
+    name = "local/textfile"
+    on_hub = False
+
+    def _read(self):
+        return self._prompts("train.txt"), self._prompts("eval.txt")
+
+    def _prompts(self, name: str) -> List[Example]:
+        file = os.path.join(self.path, name)
+        if not os.path.isfile(file):
+            raise DataError(f"{file}: file not found (expected one prompt per line)")
+        try:
+            with open(file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        examples = [Example(_canonical_prompt((("user", line.strip()),)), "", None, (("user", line),))
+                    for line in lines if line.strip()]
+        if not examples:
+            raise DataError(f"{file}: no prompts (expected one prompt per line)")
+        return examples
+
+
+class AnthropicHhRlhf(RawDataset):
+    """Anthropic/hh-rlhf as it ships: `<subset>/{train,test}.jsonl.gz` (harmless-base, helpful-base, ...), rows
+    {"chosen", "rejected"}, each a whole "\\n\\nHuman: ...\\n\\nAssistant: ..." conversation; the shared
+    start is the prompt. Rows whose conversations part before their last turn are skipped and counted;
+    red-team-attempts (no pairs) is not read."""
+
+    name = "Anthropic/hh-rlhf"
+    columns = ("chosen", "rejected")
+
+    def _read(self):
+        if not self.is_local:
+            return self._convert(self._hub_rows("train")), self._convert(self._hub_rows("test"))
+        return self._convert(self._gz_rows("train")), self._convert(self._gz_rows("test"))
+
+    def _gz_rows(self, split: str) -> Iterator[Row]:
+        files = sorted(f for f in glob.glob(os.path.join(glob.escape(self.path), "**", f"{split}.jsonl*"),
+                                            recursive=True) if "red-team" not in f)
+        if not files:
+            raise DataError(f"{self.path}: no {split}.jsonl.gz found (expected <subset>/{split}.jsonl.gz as "
+                            "`huggingface-cli download --local-dir` leaves it)")
+        for file in files:
+            yield from self._json_lines(file)
+
+    def _convert(self, rows: Iterable[Row]) -> List[Example]:
+        examples = []
+        for where, number, r in rows:
+            split = split_implicit_prompt(*(_conversation(r[k], where, number, k) for k in ("chosen", "rejected")))
+            if isinstance(split, str):
+                self._skip("chosen and rejected differ before their last turn")
+                continue
+            context, chosen, rejected = split
+            prompt = _canonical_prompt(context)
+            example = self._make(prompt, chosen, rejected) if prompt else self._skip("empty prompt")
+            if example:
+                examples.append(example)
+        return examples
+
+
+class StackExchangePaired(RawDataset):
+    """lvwerra/stack-exchange-paired: parquet files under `data/` (finetune, reward, rl, evaluation) with
+    `question`, `response_j` (preferred) and `response_k`. Point the path at the folder of the subset to read
+    (e.g. `.../stack-exchange-paired/data/reward`); `evaluation` files, where present below the path, are the eval
+    split, else 10% is held out."""
+
+    name = "lvwerra/stack-exchange-paired"
+    columns = ("question", "response_j", "response_k")
+
+    def _read(self):
+        if not self.is_local:
+            return self._convert(self._hub_rows("train")), []
+        files = sorted(glob.glob(os.path.join(glob.escape(self.path), "**", "*.parquet"), recursive=True))
+        if not files:
+            raise DataError(f"{self.path}: no parquet files found (expected data/<subset>/*.parquet)")
+        evaluation = [f for f in files if f"{os.sep}evaluation{os.sep}" in f]
+        train = [f for f in files if f not in evaluation]
+        if evaluation and train:
+            return self._convert(self._parquet_rows(train)), self._convert(self._parquet_rows(evaluation))
+        return self._holdout(self._convert(self._parquet_rows(files)))
+
+    def _convert(self, rows: Iterable[Row]) -> List[Example]:
+        examples = []
+        for where, number, r in rows:
+            prompt = self._normalized_prompt(_text(r["question"], where, number, "question"))
+            if prompt is None:
+                continue
+            example = self._make(prompt, _text(r["response_j"], where, number, "response_j"),
+                                 _text(r["response_k"], where, number, "response_k"))
+            if example:
+                examples.append(example)
+        return examples
+
+
+def split_implicit_prompt(chosen: Tuple[Tuple[str, str], ...], rejected: Tuple[Tuple[str, str], ...]):
+    """(prompt messages, chosen answer, rejected answer) of two whole conversations that share their start and
+    then give one assistant turn each (TRL's implicit prompt), or the reason they do not, as a string."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    # the answers are the turns after the shared start (an identical final answer shares one turn more)
+    while shared and chosen[shared - 1][0] == "assistant":
+        shared -= 1
+    if shared == 0:
+        return ("chosen and rejected share no prompt (an implicit-prompt row needs both conversations to start "
+                "with the same turns)")
+    answers = []
+    for key, conversation in (("chosen", chosen), ("rejected", rejected)):
+        rest = conversation[shared:]
+        if len(rest) != 1 or rest[0][0] != "assistant":
+            return f"{key} should continue the shared prompt with one assistant turn"
+        answers.append(rest[0][1])
+    return chosen[:shared], answers[0], answers[1]
+
+
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "bot": "assistant"}
+
+
+def _messages(value, where: str, number: int, column: str) -> Tuple[Tuple[str, str], ...]:
+    """((role, content), ...) of a message list, roles system/user/assistant."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: row {number}: column {column} should be a list of {{role, content}} messages")
+    out = []
+    for m in value:
+        role = str(m.get("role", "")).strip().lower() if isinstance(m, dict) else ""
+        if role not in _ROLES or "content" not in m:
+            raise DataError(f"{where}: row {number}: column {column}: each message needs a role (system, user, "
+                            f"assistant) and a content, found {m!r:.80}")
+        out.append((_ROLES[role], _text(m["content"], where, number, column).strip()))
+    return tuple(out)
+
+
+def _conversation(value, where: str, number: int, column: str) -> Tuple[Tuple[str, str], ...]:
+    """A whole conversation: a message list, or a Human/Assistant transcript (hh-rlhf's strings)."""
+    if isinstance(value, list):
+        return _messages(value, where, number, column)
+    return tuple((m["role"], m["content"]) for m in parse_conversation(_text(value, where, number, column)))
+
+
+def _canonical_prompt(context: Tuple[Tuple[str, str], ...]) -> Optional[str]:
+    """The canonical Human/Assistant prompt of a conversation (system messages aside), or None when it does not
+    end with a user turn. An empty conversation gives "" (counted as an empty prompt)."""
+    turns = [{"role": role, "content": content} for role, content in context if role != "system"]
+    if not any(m["content"] for m in turns):
+        return ""
+    try:
+        return messages_to_prompt(turns)
+    except ValueError:
+        return None
+
+
 _ADAPTERS = [
+    AnthropicHhRlhf,
+    StackExchangePaired,
     RmStatic,
     FullHhRlhf,
     SyntheticInstructGptjPairwise,
@@ -531,6 +730,7 @@ _ADAPTERS = [
     StanfordnlpSHP,
     MultiTurnAlpaca,
     LocalJsonFile,
+    LocalTextFile,
 ]
 DATASET_NAMES: List[str] = [a.name for a in _ADAPTERS]
 
