@@ -63,6 +63,29 @@ def test_trimming_drops_oldest_turns_first(tokenizer):
     assert dropped == 5 and text == "\n\nHuman: last one\n\nAssistant:"
 
 
+def test_trimming_a_long_history_renders_the_prompt_a_logarithmic_number_of_times(tokenizer, monkeypatch):
+    """Each limit gives the same prompt as dropping one turn at a time (the slow reference), and a 2000-turn
+    client history takes about log2(2000) renderings, not 2000."""
+    import alpaca_rlhf.inference.chat_core as core
+    history = [(f"question {i}", f"answer {i} " * (i % 4 + 1)) for i in range(40)]
+
+    def slow(limit):
+        for dropped in range(len(history) + 1):
+            ids = prompt_ids(tokenizer, build_prompt(history[dropped:], "now"))
+            if len(ids) <= limit:
+                return build_prompt(history[dropped:], "now"), ids, dropped
+
+    full = len(prompt_ids(tokenizer, build_prompt(history, "now")))
+    for limit in range(len(prompt_ids(tokenizer, build_prompt([], "now"))), full + 2, 37):
+        assert build_chat_prompt(tokenizer, history, "now", limit) == slow(limit), limit
+    renders = []
+    real = core._render
+    monkeypatch.setattr(core, "_render", lambda *a: renders.append(1) or real(*a))
+    long_history = [(f"q{i}", f"a{i}") for i in range(2000)]
+    _, ids, dropped = build_chat_prompt(tokenizer, long_history, "now", max_prompt_tokens=200)
+    assert len(ids) <= 200 and 1900 < dropped < 2000 and len(renders) <= 13
+
+
 def test_too_long_message_raises(tokenizer):
     with pytest.raises(ValueError, match=r"message too long: \d+ tokens, at most 20"):
         build_chat_prompt(tokenizer, [("a", "b")], "word " * 50, max_prompt_tokens=20)
@@ -183,6 +206,19 @@ def test_chat_function_ignores_notes_and_reports_bad_settings(chat_model):
     chat = make_chat_fn([chat_model])
     *_, (box, out) = chat("hello", history, 8, True, 0.0, 0.9, 0, 1, 1.0)  # sampling at temperature 0
     assert box == "hello" and "temperature" in out[-1]["content"] and out[-1]["metadata"]["title"]
+
+
+def test_a_client_history_beyond_the_bound_is_cut_with_a_note(chat_model, monkeypatch):
+    import alpaca_rlhf.inference.llama_chatbot_gradio as gui
+    notes, seen = [], []
+    monkeypatch.setattr(gui.gr, "Info", notes.append)
+    real = gui.build_chat_prompt
+    monkeypatch.setattr(gui, "build_chat_prompt", lambda tok, turns, *a: seen.append(len(turns)) or real(tok, turns, *a))
+    history = [m for i in range(gui.MAX_HISTORY_TURNS + 50)
+               for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"})]
+    gui._prompt_for(chat_model, history, "now", GenerationSettings(max_new_tokens=4))
+    assert seen == [gui.MAX_HISTORY_TURNS] and notes[0].endswith(f"only the latest {gui.MAX_HISTORY_TURNS} of "
+                                                                  f"{gui.MAX_HISTORY_TURNS + 50} turns are read")
 
 
 def test_side_by_side_models_keep_their_own_history(chat_model):

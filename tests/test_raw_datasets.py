@@ -309,7 +309,7 @@ def test_local_textfile_prompts_render_raw_under_none(tmp_path, tokenizer):
     ids = tokenize_prompt(ds.train_examples()[0], load_chat_format("none", tokenizer), 64)["prompt_ids"]
     assert ids == [tokenizer.bos_token_id] + tokenizer("This movie was", add_special_tokens=False)["input_ids"]
     (root / "eval.txt").write_bytes(b"\xff\xfe bad")
-    with pytest.raises(DataError, match="eval.txt: not UTF-8"):
+    with pytest.raises(DataError, match="eval.txt: line 1: not UTF-8"):
         get_raw_dataset(str(root), seed=0)
 
 

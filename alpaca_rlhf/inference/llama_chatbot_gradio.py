@@ -111,8 +111,17 @@ def make_chat_fn(models: Sequence[ChatModel]):
     return chat
 
 
+# A client may send any history; only its latest turns are read (a context holds far fewer anyway), so one request
+# cannot keep a worker busy rendering a history of millions of turns.
+MAX_HISTORY_TURNS = 256
+
+
 def _prompt_for(model: ChatModel, history: List[dict], message: str, settings: GenerationSettings):
-    _, ids, dropped = build_chat_prompt(model.tokenizer, to_turns(history), message,
+    turns = to_turns(history)
+    if len(turns) > MAX_HISTORY_TURNS:
+        gr.Info(f"{model.name}: only the latest {MAX_HISTORY_TURNS} of {len(turns)} turns are read")
+        turns = turns[-MAX_HISTORY_TURNS:]
+    _, ids, dropped = build_chat_prompt(model.tokenizer, turns, message,
                                         model.max_prompt_tokens(settings.max_new_tokens), model.chat_format)
     if dropped:
         gr.Info(f"{model.name}: the {dropped} oldest turn(s) no longer fit in the context and were left out")

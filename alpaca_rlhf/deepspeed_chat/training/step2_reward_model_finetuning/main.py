@@ -19,6 +19,7 @@ import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpac
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorReward, supervised_loaders
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
+from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
 from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import save_hf_format, tokenizer_from_args
@@ -55,6 +56,9 @@ def main():
         args.loss_type, args.trust_remote_code, args.dtype), force_optimize_params=["v_head"])
 
     train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id))
+    if len(eval_loader.dataset) == 0:  # reward_stats.json (step 3's normalisation) comes from the eval pairs
+        raise ConfigError(f"step 2 found no eval pairs (the eval split of --data_path {' '.join(args.data_path)} "
+                          f"with --data_split {args.data_split}); reward_stats.json needs them")
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
     logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, "step2_reward")

@@ -29,6 +29,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import (DataColla
 from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import format_from_args
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import split_turns
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
+from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import progress_bar
 from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import save_hf_format, tokenizer_from_args
@@ -81,6 +82,10 @@ def main():
                                             args.per_device_training_batch_size, True, args.seed))
 
     iterations_per_epoch = len(prompt_loader) // args.generation_batches
+    if iterations_per_epoch == 0:  # nothing would train, and the unchanged actor would be exported
+        raise ConfigError(f"step 3 has {len(prompt_train)} training prompts, fewer than one PPO iteration takes "
+                          f"(world size {args.world_size} x --per_device_generation_batch_size "
+                          f"{args.per_device_generation_batch_size} x --generation_batches {args.generation_batches})")
     total_steps = step3_args.optimizer_steps(args, iterations_per_epoch)
     engine = DeepSpeedRLHFEngine(args, tokenizer, total_steps)
     ground_truth = ground_truth_scorer(args.data_path)

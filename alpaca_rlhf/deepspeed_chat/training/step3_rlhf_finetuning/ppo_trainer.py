@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import (gather_log_probs, masked_mean,
                                                               position_ids_from_mask)
+from alpaca_rlhf.deepspeed_chat.training.utils.loop import NonFiniteGuard
 from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import causal_lm_logits
 from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
@@ -98,7 +99,8 @@ class PPOTrainer:
                        else FixedKLController(args.kl_coef))
         self.ptx_batches = ptx_batches    # iterator of SFT batches for PTX mixing, or None
         self.ground_truth = ground_truth  # (prompt, answer) -> score, for tasks with a known answer (the demo)
-        self.nonfinite_skipped = 0
+        self.nonfinite_skipped = 0   # rollouts skipped for non-finite logits
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps, "step3 ppo")  # updates skipped for non-finite losses
         self.device = self.actor.device
         self.reuse_first_forward = reuses_first_forward(args)
         # replay needs the lean decode step on unpartitioned weights (the generate path that fuses LoRA)
@@ -236,6 +238,10 @@ class PPOTrainer:
         if self.ptx_batches is not None and a.unsup_coef > 0:
             ptx = self._ptx_loss()
             actor_loss = actor_loss + a.unsup_coef * ptx
+        # a NaN or infinity in the rewards, values, advantages or log-probs reaches this loss: skip the
+        # mini-batch on every rank rather than step with it (and stop after --max_nonfinite_steps in a row)
+        if not self.guard.ok(actor_loss, self.actor.global_steps, "policy loss (from rewards, values, advantages)"):
+            return {"train/nonfinite_skipped": float(self.guard.skipped)}
         self.actor.backward(actor_loss)
         steps_before = self.actor.global_steps
         self.actor.step()
@@ -245,9 +251,12 @@ class PPOTrainer:
         if values is None:
             values = self._values(self.critic, mb.seq, mb.attention_mask, P)
         value_loss, vclipfrac = clipped_value_loss(values, mb.values, mb.returns, mask, a.cliprange_value)
+        if not self.guard.ok(value_loss, self.critic.global_steps, "value loss"):
+            return {"train/nonfinite_skipped": float(self.guard.skipped)}
         self.critic.backward(value_loss)
         self.critic.step()
         stats = {"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
+                 "train/nonfinite_skipped": float(self.guard.skipped),
                  "policy/clipfrac": clipfrac.item(), "policy/approxkl": approxkl.item(),
                  "val/clipfrac": vclipfrac.item()}
         if ptx is not None:

@@ -26,6 +26,7 @@ def parse_args(argv=None):
     cli.add_model_args(p, "actor_", required=True)
     cli.add_model_args(p, "critic_", required=True)
     cli.add_tokenizer_args(p)
+    cli.add_nonfinite_args(p)
     m = p.add_argument_group("reward")
     m.add_argument("--num_padding_at_beginning", type=int, default=0, help="OPT: 1, LLaMA: 0 (see step 2).")
     m.add_argument("--reward_model_type", choices=["reward_model", "classifier"], default="reward_model",
@@ -196,6 +197,11 @@ def reward_stats(args):
         return None
     stats = json.load(open(path))
     try:
-        return {"mean": float(stats["chosen_mean"]), "std": float(stats["chosen_std"])}
+        mean, std = float(stats["chosen_mean"]), float(stats["chosen_std"])
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{path}: expected numbers chosen_mean and chosen_std (written by step 2)")
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ConfigError(f"{path}: chosen_mean {mean} and chosen_std {std} cannot normalise rewards (a finite mean "
+                          f"and a positive std are needed; re-run step 2 with an eval split, or pass "
+                          f"--no_reward_normalization)")
+    return {"mean": mean, "std": std}

@@ -5,6 +5,7 @@ where there is one, where it comes from.
 Groups that exist once per model in step 3 (actor / critic) take a `prefix`.
 """
 import argparse
+import os
 
 from .errors import ConfigError
 
@@ -164,6 +165,7 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
     if with_eval_interval:
         g.add_argument("--eval_interval", type=int, default=0, help="Evaluate every N optimizer steps (0: per epoch).")
         g.add_argument("--eval_iters", type=int, default=0, help="Evaluate on at most N batches (0: all).")
+    add_nonfinite_args(parser)
     add_optimization_args(parser, learning_rate=learning_rate, weight_decay=weight_decay)
     add_schedule_args(parser)
     add_lora_args(parser)
@@ -172,8 +174,71 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
     add_output_args(parser)
 
 
+def add_nonfinite_args(parser):
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5,
+                        help="Stop (exit code 2, nothing exported) after this many micro-batches in a row whose loss "
+                             "is NaN or infinite on some rank; each such batch is skipped on every rank, no optimizer "
+                             "step. Default 5.")
+
+
+# flag -> (test of a value, what is expected): numeric flags with a domain, checked before any model loads
+_DOMAINS = {
+    "max_seq_len": (lambda v: v >= 1, "at least 1"),
+    "max_prompt_seq_len": (lambda v: v >= 1, "at least 1"),
+    "max_answer_seq_len": (lambda v: v >= 1, "at least 1"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "at least 0 (0: off)"),
+    "temperature": (lambda v: v > 0, "above 0"),
+    "kl_horizon": (lambda v: v > 0, "above 0"),
+    "kl_coef": (lambda v: v >= 0, "at least 0"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "cliprange": (lambda v: v > 0, "above 0"),
+    "cliprange_value": (lambda v: v > 0, "above 0"),
+    "ppo_epochs": (lambda v: v >= 1, "at least 1"),
+    "generation_batches": (lambda v: v >= 1, "at least 1"),
+    "beta": (lambda v: v > 0, "above 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "max_nonfinite_steps": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: v >= 0, "at least 0"),
+    "actor_learning_rate": (lambda v: v >= 0, "at least 0"),
+    "critic_learning_rate": (lambda v: v >= 0, "at least 0"),
+}
+
+
+def check_value_args(args):
+    """Fail early, naming the flag, on a numeric flag outside its domain (a --top_p of 0 would mask every token,
+    a --kl_horizon of 0 divide by zero, a length of 0 end in a traceback deep inside a step)."""
+    for flag, (ok, expected) in _DOMAINS.items():
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"--{flag} must be {expected}, got {value}")
+
+
+_INPUT_MODEL_FLAGS = ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path",
+                      "reward_model_name_or_path", "reference_model_name_or_path", "tokenizer_name_or_path")
+
+
+def check_output_dir(args):
+    """Refuse an --output_dir whose export would overwrite an input model (step 3 exports into OUTPUT_DIR/actor
+    and OUTPUT_DIR/critic): a failed run would leave the input half replaced."""
+    out = getattr(args, "output_dir", None)
+    if not out:
+        return
+    subdirs = ("actor", "critic") if hasattr(args, "actor_model_name_or_path") else ("",)
+    exports = {os.path.realpath(os.path.join(out, sub)) for sub in subdirs}
+    for flag in _INPUT_MODEL_FLAGS:
+        path = getattr(args, flag, None)
+        if path and os.path.isdir(path) and os.path.realpath(path) in exports:
+            raise ConfigError(f"--output_dir {out} would write its export over --{flag} {path}; "
+                              f"give another output directory")
+
+
 def check_batch_args(args, world_size: int):
-    """Fail early, with the flag names, on batch settings that cannot work."""
+    """Fail early, with the flag names, on batch settings (and any numeric flag out of its domain) that cannot
+    work."""
+    check_value_args(args)
+    check_output_dir(args)
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "per_device_generation_batch_size", "per_device_training_batch_size"):
         value = getattr(args, flag, None)

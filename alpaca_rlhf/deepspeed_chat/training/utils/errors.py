@@ -11,3 +11,8 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """Flags that do not fit together (batch sizes, GPU-only options on CPU, ...)."""
+
+
+class NonFiniteError(UserError):
+    """Training met NaN or infinite values --max_nonfinite_steps times in a row: the run stops before it exports
+    a broken model (the message names the step and what was non-finite)."""

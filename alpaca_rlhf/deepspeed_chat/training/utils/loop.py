@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from tqdm import tqdm
 
+from .errors import NonFiniteError
 from .utils import get_all_reduce_mean, is_rank_0, print_rank_0, to_device
 
 LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]
@@ -22,11 +23,45 @@ def _format(metrics: Dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank (one all-reduce): every rank takes the same decision."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class NonFiniteGuard:
+    """Counts micro-batches skipped for a non-finite value and stops the run after `limit` of them in a row."""
+
+    def __init__(self, limit: int, desc: str):
+        self.limit, self.desc = limit, desc
+        self.skipped = 0    # in the whole run (a metric)
+        self.in_a_row = 0
+
+    def ok(self, value: torch.Tensor, step: int, what: str = "loss") -> bool:
+        """True to go on with this micro-batch; False to skip it (on every rank); raises after `limit` in a row."""
+        if all_finite(value):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(f"[{self.desc}] step {step}: the {what} was NaN or infinite on some rank for "
+                                 f"{self.in_a_row} micro-batches in a row (--max_nonfinite_steps {self.limit}); "
+                                 f"stopped without exporting")
+        print_rank_0(f"warning: [{self.desc}] step {step}: non-finite {what}; micro-batch skipped on every rank "
+                     f"({self.skipped} so far)")
+        return False
+
+
 def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[], Dict[str, float]], args,
                logger, desc: str, eval_interval: int = 0) -> List[Dict[str, float]]:
-    """Run all epochs (or --max_train_steps optimizer steps); returns the list of evaluation results."""
+    """Run all epochs (or --max_train_steps optimizer steps); returns the list of evaluation results. A micro-batch
+    whose loss is not finite on some rank is skipped on every rank (no backward, no step: NonFiniteGuard)."""
     device = engine.device
     history = []
+    guard = NonFiniteGuard(args.max_nonfinite_steps, desc)
 
     def run_eval(step: int, when: str):
         engine.eval()
@@ -46,6 +81,9 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
         engine.train()
         for batch in train_loader:
             loss, metrics = compute_loss(to_device(batch, device))
+            if not guard.ok(loss, engine.global_steps):
+                bar.update(1)
+                continue
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -59,7 +97,8 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
             mean_loss = get_all_reduce_mean(loss).item()
             lr = engine.get_lr()[0]
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-            logger.log(step, {"loss/train": mean_loss, "train/lr": lr, "train/epoch": epoch, **metrics})
+            logger.log(step, {"loss/train": mean_loss, "train/lr": lr, "train/epoch": epoch,
+                              "train/nonfinite_skipped": guard.skipped, **metrics})
             if eval_interval and step % eval_interval == 0:
                 run_eval(step, f"at step {step}")
             if args.max_train_steps and step >= args.max_train_steps:

@@ -134,8 +134,9 @@ class RawDataset:
         if not os.path.isfile(file):
             raise DataError(f"{file}: file not found (expected it in {self.name}'s folder)")
         found = False
-        with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with (gzip.open if file.endswith(".gz") else open)(file, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, file, number)
                 if not line.strip():
                     continue
                 try:
@@ -154,8 +155,13 @@ class RawDataset:
         """A JSON array of objects, or JSON lines (told apart by the first character)."""
         if not os.path.isfile(file):
             raise DataError(f"{file}: file not found (expected it in {self.name}'s folder)")
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        with open(file, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise DataError(f"{file}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not text.lstrip().startswith("["):
             yield from self._json_lines(file)
             return
@@ -214,6 +220,14 @@ class RawDataset:
         train = [e for i, e in enumerate(examples) if i not in eval_ids]
         held_out = [e for i, e in enumerate(examples) if i in eval_ids]
         return train, held_out
+
+
+def _decode(raw: bytes, file: str, number: int) -> str:
+    """One line of a text file as UTF-8; anything else is a one-line error naming the file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _text(value, where: str, number: int, column: str) -> str:
@@ -577,11 +591,8 @@ class LocalTextFile(RawDataset):
         file = os.path.join(self.path, name)
         if not os.path.isfile(file):
             raise DataError(f"{file}: file not found (expected one prompt per line)")
-        try:
-            with open(file, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        with open(file, "rb") as f:
+            lines = [_decode(raw, file, number).rstrip("\r\n") for number, raw in enumerate(f, start=1)]
         examples = [Example(_canonical_prompt((("user", line.strip()),)), "", None, (("user", line),))
                     for line in lines if line.strip()]
         if not examples:

@@ -1,7 +1,9 @@
 """Loading tokenizers and models, and exporting trained models in Hugging Face format (safetensors)."""
 import copy
+import glob
 import math
 import os
+import shutil
 import uuid
 from typing import Optional
 
@@ -158,6 +160,9 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+EXPORT_TMP_PREFIX = ".tmp-export-"  # an export being written; one left by a killed run is removed by the next
+
+
 def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_config: Optional[dict] = None,
                    extra_files: Optional[dict] = None, max_shard_size: str = "5GB",
                    base_model_name_or_path: Optional[str] = None):
@@ -189,7 +194,9 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
         config = copy.copy(config)
         config.dtype = floats[0]
     os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, f".tmp-export-{uuid.uuid4().hex[:8]}")
+    for stale in glob.glob(os.path.join(glob.escape(output_dir), f"{EXPORT_TMP_PREFIX}*")):  # a killed export's
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = os.path.join(output_dir, f"{EXPORT_TMP_PREFIX}{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     config.save_pretrained(tmp)
     if getattr(module, "generation_config", None) is not None and not hasattr(module, "hf_export"):

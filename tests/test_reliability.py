@@ -1,0 +1,159 @@
+"""Nothing silently wrong: numeric flags outside their domain, non-finite losses, unusable reward statistics, an
+empty eval split for step 2, fewer prompts than one PPO iteration and undecodable data all stop with one line
+naming what was wrong, before anything is exported."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import RM_STATIC, STEP2, STEP3, common_args, run_launcher
+from test_step3_e2e import ppo_args
+
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
+from alpaca_rlhf.deepspeed_chat.training.utils.args import check_value_args
+from alpaca_rlhf.deepspeed_chat.training.utils.data.raw_datasets import get_raw_dataset
+from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError, DataError, NonFiniteError
+from alpaca_rlhf.deepspeed_chat.training.utils.loop import NonFiniteGuard, train_loop
+
+BASE = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", "o"]
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--top_p", "0", "in (0, 1]"), ("--max_answer_seq_len", "0", "at least 1"), ("--kl_horizon", "0", "above 0"),
+    ("--top_k", "-1", "at least 0 (0: off)"), ("--max_prompt_seq_len", "0", "at least 1"), ("--temperature", "0", "above 0"),
+    ("--gamma", "1.5", "in [0, 1]"), ("--max_nonfinite_steps", "0", "at least 1")])
+def test_numeric_flags_outside_their_domain_are_one_line_errors(flag, value, expected):
+    args = step3_args.parse_args(BASE + [flag, value])
+    with pytest.raises(ConfigError) as error:
+        check_value_args(args)
+    assert str(error.value) == f"{flag} must be {expected}, got {type(getattr(args, flag[2:]))(value)}"
+    check_value_args(step3_args.parse_args(BASE))  # the defaults pass
+
+
+@pytest.mark.parametrize("stats", [{"chosen_mean": float("nan"), "chosen_std": 1.0},
+                                   {"chosen_mean": 0.5, "chosen_std": 0.0}])
+def test_unusable_reward_stats_are_refused(tmp_path, stats):
+    path = tmp_path / "reward_stats.json"
+    path.write_text(json.dumps(stats))  # json writes NaN as NaN, as step 2 did for an empty eval split
+    args = step3_args.parse_args(BASE + ["--reward_stats", str(path)])
+    with pytest.raises(ConfigError, match="cannot normalise rewards"):
+        step3_args.reward_stats(args)
+
+
+class FakeEngine:
+    """What train_loop uses of a DeepSpeed engine, counting backward and step calls."""
+
+    def __init__(self):
+        self.device, self.global_steps, self.backwards = torch.device("cpu"), 0, 0
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+    def backward(self, loss):
+        self.backwards += 1
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def step(self):
+        self.global_steps += 1
+
+    def get_lr(self):
+        return [0.1]
+
+
+class Batches(list):
+    sampler = None  # a DataLoader's attribute that train_loop reads
+
+
+class NullLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, step, metrics):
+        self.rows.append(metrics)
+
+
+def _loop(losses, limit):
+    engine, logger = FakeEngine(), NullLogger()
+    args = argparse.Namespace(num_train_epochs=1, disable_progress_bar=True, print_loss=False, max_train_steps=0,
+                              max_nonfinite_steps=limit)
+    batches = Batches({"x": torch.tensor([i])} for i in range(len(losses)))
+    train_loop(engine, batches, lambda b: (torch.tensor(losses[int(b["x"])]), {}), lambda: {}, args, logger, "t")
+    return engine, logger
+
+
+def test_a_non_finite_loss_is_skipped_and_too_many_in_a_row_stop_the_run():
+    nan, inf = float("nan"), float("inf")
+    engine, logger = _loop([1.0, nan, 2.0, inf, nan, 3.0], limit=3)
+    assert engine.backwards == engine.global_steps == 3                 # only the finite micro-batches stepped
+    assert [r["train/nonfinite_skipped"] for r in logger.rows if "loss/train" in r] == [0, 1, 3]
+    with pytest.raises(NonFiniteError, match=r"\[t\] step 1: the loss was NaN or infinite on some rank for 3 "
+                                             r"micro-batches in a row \(--max_nonfinite_steps 3\)"):
+        _loop([1.0, nan, nan, nan, 2.0], limit=3)
+    guard = NonFiniteGuard(2, "t")
+    assert guard.ok(torch.tensor([1.0, 2.0]), 0) and not guard.ok(torch.tensor([1.0, math.nan]), 0)
+
+
+def test_undecodable_data_names_the_file_and_line(tmp_path):
+    root = tmp_path / "local" / "jsonfile"
+    root.mkdir(parents=True)
+    (root / "eval.json").write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
+    good = json.dumps({"prompt": "Q", "completion": "A"}).encode()
+    (root / "train.json").write_bytes(good + b"\n" + good + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match="train.json: line 3: not UTF-8 text"):
+        get_raw_dataset(str(root), seed=0)
+    (root / "train.json").write_bytes(b"[\n" + good + b",\n" + b'{"prompt": "\xff"}]\n')
+    with pytest.raises(DataError, match="train.json: line 3: not UTF-8 text"):
+        get_raw_dataset(str(root), seed=0)
+
+
+@pytest.mark.slow
+def test_step2_without_eval_pairs_and_step3_without_one_iteration_stop_before_training(micro_model_dir, tmp_path):
+    data = tmp_path / "local" / "jsonfile"
+    data.mkdir(parents=True)
+    rows = [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(16)]
+    (data / "train.json").write_text("\n".join(map(json.dumps, rows)))
+    (data / "eval.json").write_text(json.dumps({"prompt": "only a prompt"}))  # no pair: nothing to evaluate on
+    out = tmp_path / "critic"
+    proc = run_launcher(STEP2, common_args(micro_model_dir, str(out), str(tmp_path / "cache"), "--data_path",
+                                           str(data), "--data_split", "0,1,0"), check=False)
+    assert proc.returncode != 0 and "error: step 2 found no eval pairs" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() or not any(out.glob("*.safetensors"))
+    proc = run_launcher(STEP3, ppo_args(micro_model_dir, micro_model_dir, str(tmp_path / "final"),
+                                        str(tmp_path / "cache3"), "--data_path", RM_STATIC, "--max_train_samples", 4),
+                        check=False)
+    assert proc.returncode != 0 and "error: step 3 has 4 training prompts, fewer than one PPO iteration" in \
+        proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_output_dir_over_an_input_model_is_refused(tmp_path):
+    from alpaca_rlhf.deepspeed_chat.training.utils.args import check_output_dir
+    actor = tmp_path / "run" / "actor"
+    actor.mkdir(parents=True)
+    args = step3_args.parse_args(["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path", "c",
+                                  "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match=r"would write its export over --actor_model_name_or_path"):
+        check_output_dir(args)
+    check_output_dir(argparse.Namespace(model_name_or_path=str(actor), output_dir=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match="over --model_name_or_path"):
+        check_output_dir(argparse.Namespace(model_name_or_path=str(actor), output_dir=str(actor) + "/"))
+
+
+def test_an_export_removes_what_a_killed_export_left(tmp_path, micro_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import EXPORT_TMP_PREFIX, save_hf_format
+    out = tmp_path / "export"
+    (out / f"{EXPORT_TMP_PREFIX}dead").mkdir(parents=True)
+    (out / f"{EXPORT_TMP_PREFIX}dead" / "model.safetensors").write_bytes(b"half")
+    (out / "notes.txt").write_text("mine")
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    save_hf_format(model, AutoTokenizer.from_pretrained(micro_model_dir), str(out))
+    assert not list(out.glob(f"{EXPORT_TMP_PREFIX}*")) and (out / "notes.txt").read_text() == "mine"
+    AutoModelForCausalLM.from_pretrained(str(out))
