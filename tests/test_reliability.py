@@ -157,3 +157,38 @@ def test_an_export_removes_what_a_killed_export_left(tmp_path, micro_model_dir):
     save_hf_format(model, AutoTokenizer.from_pretrained(micro_model_dir), str(out))
     assert not list(out.glob(f"{EXPORT_TMP_PREFIX}*")) and (out / "notes.txt").read_text() == "mine"
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def _checkpoint_dir(root, step, complete=True):
+    path = root / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):
+    from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import latest_checkpoint
+    assert latest_checkpoint(str(tmp_path)) is None
+    _checkpoint_dir(tmp_path, 2)
+    newest = _checkpoint_dir(tmp_path, 4)
+    _checkpoint_dir(tmp_path, 6, complete=False)                      # killed while being written
+    (tmp_path / "checkpoints" / "latest").write_text("step_8")       # names a directory that is gone
+    assert latest_checkpoint(str(tmp_path)) == str(newest)
+    assert "names no complete checkpoint" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "latest").write_text("step_2")
+    assert latest_checkpoint(str(tmp_path)).endswith("step_2")
+
+
+def test_a_resume_with_changed_flags_is_refused_unless_allowed(tmp_path):
+    from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import check_resume_config
+    path = _checkpoint_dir(tmp_path, 2)
+    saved = {"actor_learning_rate": 1e-5, "world_size": 2, "data_path": ["a"], "eval_interval": 0}
+    (path / "config.json").write_text(json.dumps(saved))
+    check_resume_config(str(path), dict(saved, eval_interval=5, resume=True), False)  # how it runs, not what
+    changed = dict(saved, actor_learning_rate=2e-5, world_size=4)
+    with pytest.raises(ConfigError) as error:
+        check_resume_config(str(path), changed, False)
+    assert "--actor_learning_rate 1e-05 -> 2e-05, --world_size 2 -> 4" in str(error.value)
+    assert "--resume_with_changes" in str(error.value)
+    check_resume_config(str(path), changed, True)

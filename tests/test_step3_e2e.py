@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from conftest import REPO, RM_STATIC, STEP3, free_port, run_launcher
+from conftest import ALPACA, REPO, RM_STATIC, STEP3, free_port, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -126,9 +126,12 @@ def test_classifier_reward(sft_run, tmp_path):
 
 
 def test_kill_and_resume_gives_the_same_metrics(reward_run, tmp_path):
+    """Killed mid-run and resumed: the same metrics as an uninterrupted run, the PTX loss (its data position is
+    checkpointed) included, and the same EMA export (the EMA is checkpointed)."""
     critic, actor, _ = reward_run
     common = [*SEED_LORA, "--actor_zero_stage", 2, "--critic_zero_stage", 2, "--save_interval", 2,
-              "--enable_test_mode", "--test_stop_step", 8]
+              "--enable_test_mode", "--test_stop_step", 8, "--enable_ema", "--unsupervised_dataset_name", ALPACA,
+              "--unsup_coef", 0.5]
     reference = str(tmp_path / "uninterrupted")
     run_launcher(STEP3, ppo_args(actor, critic, reference, str(tmp_path / "data"), *common))
     expected = metrics(reference)
@@ -154,8 +157,12 @@ def test_kill_and_resume_gives_the_same_metrics(reward_run, tmp_path):
     got = metrics(out)
     assert sorted(got) == list(range(1, 9))
     for step in range(resumed_from + 1, 9):
-        for key in ("reward/score", "objective/kl", "loss/policy", "loss/value", "gen/response_len"):
+        for key in ("reward/score", "objective/kl", "loss/policy", "loss/value", "gen/response_len", "loss/ptx"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-5), (step, key)
+    ema, ema_expected = (load_file(os.path.join(d, "actor_ema", "model.safetensors")) for d in (out, reference))
+    assert ema.keys() == ema_expected.keys()
+    for name, tensor in ema_expected.items():
+        torch.testing.assert_close(ema[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_reusing_the_first_training_forward_gives_the_same_updates(reward_run, tmp_path):

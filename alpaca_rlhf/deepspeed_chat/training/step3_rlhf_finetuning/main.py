@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import PPOTrainer
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
-from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import (
+    check_resume_config, latest_checkpoint, load_checkpoint, load_checkpoint_tensors, save_checkpoint)
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import (DataCollatorRLHF, DataCollatorSFT,
                                                                       create_prompt_dataset, make_dataloader)
 from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import format_from_args
@@ -96,9 +97,10 @@ def main():
     checkpoint = latest_checkpoint(args.output_dir) if (args.resume or not args.no_auto_resume) else None
     state = {"step": 0, "epoch": 0, "batch": 0}
     if checkpoint:
+        check_resume_config(checkpoint, resolved_config(args), args.resume_with_changes)
         state = load_checkpoint(checkpoint, {"actor": engine.actor, "critic": engine.critic})
-        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-        trainer.nonfinite_skipped = state["nonfinite_skipped"]
+        trainer.load_state_dict(state)
+        engine.load_ema_state(load_checkpoint_tensors(checkpoint))
         print_rank_0(f"resumed from {checkpoint}: step {state['step']}, epoch {state['epoch']}, batch {state['batch']}")
     elif args.resume:
         print_rank_0(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from step 0")
@@ -147,9 +149,8 @@ def main():
             rollouts = []
             if args.save_interval and step % args.save_interval == 0:
                 save_checkpoint(args.output_dir, step, {"actor": engine.actor, "critic": engine.critic},
-                                {"step": step, "epoch": epoch, "batch": i + 1, "kl_ctl": trainer.kl_ctl.state_dict(),
-                                 "nonfinite_skipped": trainer.nonfinite_skipped}, resolved_config(args),
-                                keep_last=args.save_total_limit)
+                                {"step": step, "epoch": epoch, "batch": i + 1, **trainer.state_dict()},
+                                resolved_config(args), keep_last=args.save_total_limit, tensors=engine.ema_state())
             if args.eval_interval and step % args.eval_interval == 0:
                 evaluate(step, f"at step {step}")
             if args.enable_test_mode and step >= args.test_stop_step:

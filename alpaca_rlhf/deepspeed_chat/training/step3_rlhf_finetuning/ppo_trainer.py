@@ -101,6 +101,7 @@ class PPOTrainer:
         self.ground_truth = ground_truth  # (prompt, answer) -> score, for tasks with a known answer (the demo)
         self.nonfinite_skipped = 0   # rollouts skipped for non-finite logits
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, "step3 ppo")  # updates skipped for non-finite losses
+        self.ptx_consumed = 0        # PTX batches used so far
         self.device = self.actor.device
         self.reuse_first_forward = reuses_first_forward(args)
         # replay needs the lean decode step on unpartitioned weights (the generate path that fuses LoRA)
@@ -108,6 +109,21 @@ class PPOTrainer:
                                      and not args.enable_hybrid_engine and engine.actor_spec.zero_stage < 3)
         self._recording_buffers = None
         self._replay_reported = False
+
+    # ------------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the engines and the data position (a JSON-able dict)."""
+        return {"kl_ctl": self.kl_ctl.state_dict(), "nonfinite_skipped": self.nonfinite_skipped,
+                "nonfinite_updates": [self.guard.skipped, self.guard.in_a_row], "ptx_consumed": self.ptx_consumed}
+
+    def load_state_dict(self, state: dict):
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.guard.skipped, self.guard.in_a_row = state.get("nonfinite_updates", [0, 0])
+        if self.ptx_batches is not None:  # the PTX stream continues where the checkpoint left it
+            for _ in range(state.get("ptx_consumed", 0)):
+                next(self.ptx_batches)
+        self.ptx_consumed = state.get("ptx_consumed", 0)
 
     # ------------------------------------------------------------------------------------------- forwards
     def _values(self, critic, seq, attention_mask, P):
@@ -213,6 +229,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------- update
     def _ptx_loss(self):
         batch = next(self.ptx_batches)
+        self.ptx_consumed += 1  # the PTX data position, saved with checkpoints
         batch = {k: v.to(self.device) for k, v in batch.items()}
         logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return causal_lm_loss(logits, batch["labels"], self.args.compute_fp32_loss)

@@ -127,6 +127,20 @@ class DeepSpeedRLHFEngine:
         # most of each update to rounding (the step is below half an ulp of the weight)
         return copy.deepcopy(actor).requires_grad_(False).eval().float().to(self.args.device)
 
+    def ema_state(self) -> dict:
+        """The EMA's tensors for a checkpoint ({} without --enable_ema)."""
+        return {} if self.ema is None else {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+
+    @torch.no_grad()
+    def load_ema_state(self, tensors: dict):
+        """Restore the EMA from a checkpoint's tensors (a checkpoint without them leaves it as it is)."""
+        state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if self.ema is not None and state:
+            self.ema.load_state_dict(state)
+        elif self.ema is not None:
+            print_rank_0("warning: the checkpoint holds no EMA (written without --enable_ema); the EMA starts "
+                         "again from the resumed actor")
+
     @torch.no_grad()
     def update_ema(self, decay: float):
         """ema = decay * ema + (1 - decay) * actor, over every parameter (LoRA included)."""

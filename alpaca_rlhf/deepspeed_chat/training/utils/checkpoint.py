@@ -4,12 +4,15 @@
         <engine>/            DeepSpeed engine state: module, optimizer, scheduler (one dir per engine)
         rng_rank{r}.json     python / numpy RNG states of rank r
         rng_rank{r}.safetensors   torch CPU (and accelerator) RNG states of rank r
+        tensors.safetensors  tensors the trainer keeps beside its engines (the EMA of the actor), if any
         trainer_state.json   step, data position, KL controller, ... (whatever the trainer needs)
         config.json          the resolved run configuration
     OUTPUT_DIR/checkpoints/latest   name of the newest complete checkpoint
 
-A checkpoint is written under a temporary name and renamed when every rank has finished, and `latest` is
-replaced atomically after that, so a run killed at any moment resumes from the last complete checkpoint.
+A checkpoint is written under a temporary name and renamed when every rank has finished (its files and
+directory synced to disk first), and `latest` is replaced atomically after that, so a run killed at any moment
+resumes from the last complete checkpoint. A `latest` that names a missing directory falls back to the newest
+complete checkpoint, with a warning, instead of a silent restart from step 0.
 """
 import json
 import os
@@ -21,9 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import atomic_write, barrier, is_rank_0, write_json
+from .errors import ConfigError
+from .utils import atomic_write, barrier, fsync_tree, is_rank_0, print_rank_0, write_json
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -31,13 +36,54 @@ def checkpoint_root(output_dir: str) -> str:
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint, or None."""
+    """Path of the newest complete checkpoint, or None: the one `latest` names, else (a dangling or missing
+    `latest`, with a warning) the complete step_N with the highest N."""
     root = checkpoint_root(output_dir)
     pointer = os.path.join(root, LATEST)
-    if not os.path.exists(pointer):
+    if os.path.exists(pointer):
+        path = os.path.join(root, open(pointer).read().strip())
+        if os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            return path
+    complete = sorted((int(d.split("_")[1]), d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                      if d.startswith("step_") and d.split("_")[1].isdigit()
+                      and os.path.isfile(os.path.join(root, d, TRAINER_STATE)))
+    if not complete:
+        if os.path.exists(pointer):
+            print_rank_0(f"warning: {pointer} names no complete checkpoint and there is none: starting from step 0")
         return None
-    path = os.path.join(root, open(pointer).read().strip())
-    return path if os.path.isdir(path) else None
+    path = os.path.join(root, complete[-1][1])
+    print_rank_0(f"warning: {pointer} is missing or names no complete checkpoint; resuming from the newest "
+                 f"complete one, {path}")
+    return path
+
+
+# Flags that may differ between a run and its resumption (how it is started, not what it computes)
+RESUME_FREE = {"resume", "no_auto_resume", "resume_with_changes", "local_rank", "device", "disable_progress_bar",
+               "print_answers", "print_answers_interval", "eval_interval", "eval_batches", "eval_samples",
+               "save_interval", "save_total_limit", "enable_tensorboard", "tensorboard_path", "deepspeed",
+               "deepspeed_config", "data_output_path", "print_loss", "enable_test_mode", "test_stop_step",
+               "max_nonfinite_steps"}
+
+
+def config_changes(saved: dict, current: dict) -> Dict[str, tuple]:
+    """{flag: (saved value, current value)} for the flags that changed since the checkpoint was written."""
+    keys = (set(saved) | set(current)) - RESUME_FREE
+    return {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+
+
+def check_resume_config(path: str, current: dict, allow_changes: bool):
+    """Refuse to resume a checkpoint written with other flags (learning rate, batch, world size, ...) unless
+    allowed: the result would be neither the old run nor a new one."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    changes = config_changes(json.load(open(config_file)), json.loads(json.dumps(current, default=str)))
+    if changes and not allow_changes:
+        listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise ConfigError(f"{path} was written with other flags ({listed}); resume with the same flags, or pass "
+                          f"--resume_with_changes to continue anyway")
+    if changes:
+        print_rank_0(f"warning: resuming {path} with changed flags: {', '.join(changes)}")
 
 
 def _rng_state() -> tuple:
@@ -64,8 +110,9 @@ def _set_rng_state(plain: dict, tensors: dict):
 
 
 def save_checkpoint(output_dir: str, step: int, engines: Dict[str, object], trainer_state: dict,
-                    run_config: dict, keep_last: int = 2) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+                    run_config: dict, keep_last: int = 2, tensors: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Collective: every rank calls it. `tensors`: state beside the engines, the same on every rank (rank 0
+    writes it). Returns the final checkpoint path."""
     root = checkpoint_root(output_dir)
     name = f"step_{step}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -76,16 +123,22 @@ def save_checkpoint(output_dir: str, step: int, engines: Dict[str, object], trai
     for engine_name, engine in engines.items():
         engine.save_checkpoint(os.path.join(tmp, engine_name), tag="state")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    plain, tensors = _rng_state()
-    write_json(os.path.join(tmp, f"rng_rank{rank}.json"), plain)
-    save_file(tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
+    rng_plain, rng_tensors = _rng_state()
+    write_json(os.path.join(tmp, f"rng_rank{rank}.json"), rng_plain)
+    save_file(rng_tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     barrier()
     if is_rank_0():
-        write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        if tensors:
+            # (cloned: tied weights share storage, which safetensors will not write twice)
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                      os.path.join(tmp, "tensors.safetensors"))
         write_json(os.path.join(tmp, "config.json"), run_config)
+        write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+        fsync_tree(tmp)  # every file on disk before the rename makes the checkpoint complete
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_tree(root, files=False)
         with atomic_write(os.path.join(root, LATEST)) as f:
             f.write(name)
         _prune(root, keep_last, newest=name)
@@ -114,4 +167,10 @@ def load_checkpoint(path: str, engines: Dict[str, object]) -> dict:
     rng_json = os.path.join(path, f"rng_rank{rank}.json")
     if os.path.exists(rng_json):  # absent when resuming on a different number of ranks
         _set_rng_state(json.load(open(rng_json)), load_file(os.path.join(path, f"rng_rank{rank}.safetensors")))
-    return json.load(open(os.path.join(path, "trainer_state.json")))
+    return json.load(open(os.path.join(path, TRAINER_STATE)))
+
+
+def load_checkpoint_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """The `tensors` saved with a checkpoint ({} when there were none)."""
+    file = os.path.join(path, "tensors.safetensors")
+    return load_file(file) if os.path.exists(file) else {}

@@ -70,12 +70,30 @@ def atomic_write(path: str, mode: str = "w"):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # the content on disk before the name points at it
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        fsync_tree(directory, files=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def fsync_tree(path: str, files: bool = True):
+    """Flush a directory (and, with files, every file below it) to disk, so that a rename that follows cannot
+    survive a crash while the content it names does not."""
+    if files:
+        for root, _, names in os.walk(path):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
