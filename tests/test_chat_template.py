@@ -156,3 +156,24 @@ def test_all_turns_and_truncation_through_the_data_layer(tokenizers):
     pair = du.tokenize_pair(Example("", " A hen is brown.", " A hen is blue.", example.messages), fmt, 512)
     prompt = fmt.prompt_ids(CONVERSATION[:3])
     assert pair["prompt_len"] == [len(prompt)] * 2 and pair["chosen_ids"][:len(prompt)] == prompt
+
+
+def test_the_exported_tokenizer_records_the_format(tokenizers, tmp_path):
+    """A model directory without training_args.json still tells the chat how to talk to it: the tokenizer config
+    the steps export records --chat_template and --system_prompt (a template file as `model`, its text saved as
+    the tokenizer's own template)."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import format_for_model, format_from_args
+    template = tmp_path / "llama3.jinja"
+    template.write_text(LLAMA3)
+    for tok, spec, system, expected in ((tokenizers["qwen2"], "none", None, "none"),
+                                        (tokenizers["llama3"], str(template), "Be brief.", "model")):
+        format_from_args(argparse.Namespace(chat_template=spec, system_prompt=system), tok)
+        out = tmp_path / f"export-{expected}"
+        tok.save_pretrained(str(out))
+        fmt = format_for_model(str(out), AutoTokenizer.from_pretrained(str(out)))
+        assert (fmt.name, fmt.system_prompt) == (expected, system)
+    assert fmt.stop_token_id == tokenizers["llama3"].convert_tokens_to_ids("<|eot_id|>")

@@ -24,6 +24,7 @@ from .prompt_format import ASSISTANT, HUMAN, TURN_SEPARATOR, format_answer
 from .token_ids import bos_ids, text_ids
 
 ALPACA, MODEL, NONE = "alpaca", "model", "none"
+TOKENIZER_KEY = "chat_format"  # the format a model was trained in, as its exported tokenizer_config.json records it
 IGNORE_INDEX = -100
 Piece = Tuple[str, bool]  # (text, is an assistant answer to train on)
 
@@ -225,17 +226,22 @@ def format_from_args(args, tokenizer) -> ChatFormat:
                            suffix)
     if isinstance(fmt, JinjaFormat):
         tokenizer.chat_template = fmt.template
+    # saved into the exported tokenizer_config.json: a model directory tells how to talk to it on its own
+    tokenizer.init_kwargs[TOKENIZER_KEY] = {"chat_template": fmt.name if fmt.name in (ALPACA, NONE) else MODEL,
+                                            "system_prompt": fmt.system_prompt}
     return fmt
 
 
-def trained_chat_format(model_dir: str) -> Tuple[str, Optional[str]]:
-    """(--chat_template, --system_prompt) the model in `model_dir` was trained with (its training_args.json),
-    alpaca for a directory without one. A template file of training became the exported tokenizer's own: model."""
+def trained_chat_format(model_dir: str, tokenizer=None) -> Tuple[str, Optional[str]]:
+    """(--chat_template, --system_prompt) the model in `model_dir` was trained with: its training_args.json, else
+    its tokenizer config's record (TOKENIZER_KEY), else alpaca. A template file of training became the exported
+    tokenizer's own: model."""
     config_file = os.path.join(model_dir, "training_args.json")
-    if not os.path.isfile(config_file):
-        return ALPACA, None
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    else:
+        config = dict(getattr(tokenizer, "init_kwargs", {}).get(TOKENIZER_KEY) or {})
     template = config.get("chat_template") or ALPACA
     return (template if template in (ALPACA, NONE, MODEL) else MODEL), config.get("system_prompt")
 
@@ -243,6 +249,6 @@ def trained_chat_format(model_dir: str) -> Tuple[str, Optional[str]]:
 def format_for_model(model_dir: str, tokenizer, chat_template: Optional[str] = None,
                      system_prompt: Optional[str] = None) -> ChatFormat:
     """The format to talk to an exported model in: the flags given, else what it was trained with."""
-    trained_template, trained_system = trained_chat_format(model_dir)
+    trained_template, trained_system = trained_chat_format(model_dir, tokenizer)
     return load_chat_format(chat_template or trained_template, tokenizer,
                             trained_system if system_prompt is None else system_prompt)
