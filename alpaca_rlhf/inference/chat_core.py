@@ -19,7 +19,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import AlpacaFormat, ChatFormat, format_for_model
 from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import HUMAN, TURN_SEPARATOR, build_prompt
-from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import load_tokenizer
 
@@ -33,26 +32,17 @@ _MARKER_WINDOW_TOKENS = 24
 
 
 # ----------------------------------------------------------------------------------------------- prompt
-def _prompt_ids(tokenizer, text: str) -> List[int]:
-    """bos (where the tokenizer has one) + text, as the training data tokenizes prompts (data_utils: bos + ids
-    without special tokens)."""
-    return bos_ids(tokenizer) + text_ids(tokenizer, text)
-
-
-def _is_alpaca_text(fmt: Optional[ChatFormat]) -> bool:
-    return fmt is None or (isinstance(fmt, AlpacaFormat) and not fmt.system_prompt)
-
-
 def _render(tokenizer, fmt: Optional[ChatFormat], history: History, message: str) -> Tuple[str, List[int]]:
-    if _is_alpaca_text(fmt):  # the training data's canonical text, tokenized as step 1 and step 3 do
+    """(prompt text, ids) in the format, as step 1 and step 3 tokenize prompts (the canonical text for alpaca)."""
+    fmt = fmt or AlpacaFormat(tokenizer)
+    if fmt.keeps_text:
         text = build_prompt(history, message)
-        return text, _prompt_ids(tokenizer, text)
+        return text, fmt.prompt_ids_for(text)
     messages = []
     for human, assistant in history:
         messages += [{"role": "user", "content": human}, {"role": "assistant", "content": assistant}]
     messages.append({"role": "user", "content": message})
-    text = fmt.prompt_text(fmt.with_system(messages))
-    return text, fmt.prompt_ids(messages)
+    return fmt.prompt_text(fmt.with_system(messages)), fmt.prompt_ids(messages)
 
 
 def build_chat_prompt(tokenizer, history: History, message: str, max_prompt_tokens: int,

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import AlpacaFormat, ChatFormat, format_for_model
-from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import format_answer, parse_conversation
-from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import bos_ids, text_ids
+from alpaca_rlhf.deepspeed_chat.training.utils.data.prompt_format import format_answer
+from alpaca_rlhf.deepspeed_chat.training.utils.data.token_ids import text_ids
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import UserError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import gather_log_probs
 from alpaca_rlhf.tools import demo_task
@@ -100,16 +100,9 @@ def load_prompts(data: str, num_prompts: int, seed: int = 1234) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def _templated(fmt: Optional[ChatFormat]) -> bool:
-    """Whether prompts are rendered by a chat format rather than taken as the demo's canonical text."""
-    return fmt is not None and not (isinstance(fmt, AlpacaFormat) and not fmt.system_prompt)
-
-
 def prompt_ids_for(tokenizer, prompt: str, fmt: Optional[ChatFormat] = None) -> List[int]:
     """[bos] + the canonical prompt text, or the prompt's conversation rendered by `fmt` (--chat_template)."""
-    if _templated(fmt):
-        return fmt.prompt_ids(parse_conversation(prompt))
-    return bos_ids(tokenizer) + text_ids(tokenizer, prompt)
+    return (fmt or AlpacaFormat(tokenizer)).prompt_ids_for(prompt)
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, do_sample: bool = False,
@@ -144,13 +137,11 @@ def reward_input_ids(tokenizer, g: Generation, fmt: Optional[ChatFormat] = None)
     """[bos] + prompt + answer (+ eos if the answer ended with EOS), prompt and answer tokenized apart, the
     answer in its canonical form (" text") as the reward model was trained on it; with a chat format, the
     prompt rendered by it and the answer ended by its end of turn."""
-    stop = tokenizer.eos_token_id if fmt is None else fmt.stop_token_id
-    if _templated(fmt):
-        return fmt.prompt_ids(parse_conversation(g.prompt)) + text_ids(tokenizer, g.answer.strip()) + \
-            ([stop] if g.ended_with_eos else [])
-    answer = format_answer(g.answer) if g.answer.strip() else ""
-    return bos_ids(tokenizer) + text_ids(tokenizer, g.prompt) + text_ids(tokenizer, answer) + \
-        ([stop] if g.ended_with_eos else [])
+    fmt = fmt or AlpacaFormat(tokenizer)
+    # the answer as training tokenized it: canonical (" text") after a canonical prompt, else as it stands
+    answer = (format_answer(g.answer) if g.answer.strip() else "") if fmt.keeps_text else g.answer.strip()
+    return prompt_ids_for(tokenizer, g.prompt, fmt) + text_ids(tokenizer, answer) + \
+        ([fmt.stop_token_id] if g.ended_with_eos else [])
 
 
 def reward_scores(reward_model, tokenizer, generations: Sequence[Generation], batch_size: int = 32,

@@ -38,7 +38,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import Forwa
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
-from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
+from alpaca_rlhf.deepspeed_chat.training.utils.utils import any_rank, get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
     AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, cut_at_eos,
     explained_variance, kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
@@ -72,15 +72,6 @@ class Rollout:
     def fill(self, **tensors):
         for name, value in tensors.items():
             setattr(self, name, value)
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when it is true on one: ranks must skip batches together (collective steps)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
 
 
 class PPOTrainer:

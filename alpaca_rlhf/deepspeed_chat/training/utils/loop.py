@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import NonFiniteError
-from .utils import get_all_reduce_mean, is_rank_0, print_rank_0, to_device
+from .utils import any_rank, get_all_reduce_mean, is_rank_0, print_rank_0, to_device
 
 LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]
 
@@ -23,14 +23,6 @@ def _format(metrics: Dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """Whether `value` is finite on every rank (one all-reduce): every rank takes the same decision."""
-    flag = torch.isfinite(value.detach()).all().float().reshape(1)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 class NonFiniteGuard:
     """Counts micro-batches skipped for a non-finite value and stops the run after `limit` of them in a row."""
 
@@ -41,7 +33,7 @@ class NonFiniteGuard:
 
     def ok(self, value: torch.Tensor, step: int, what: str = "loss") -> bool:
         """True to go on with this micro-batch; False to skip it (on every rank); raises after `limit` in a row."""
-        if all_finite(value):
+        if not any_rank(not bool(torch.isfinite(value.detach()).all()), value.device):  # the same on every rank
             self.in_a_row = 0
             return True
         self.skipped += 1

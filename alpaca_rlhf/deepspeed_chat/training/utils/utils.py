@@ -34,6 +34,15 @@ def to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is true on one: ranks must skip batches together (collective steps)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def get_all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (the input is left untouched)."""
     value = value.detach().clone()

@@ -20,7 +20,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DataError
-from .prompt_format import ASSISTANT, HUMAN, TURN_SEPARATOR, format_answer
+from .prompt_format import ASSISTANT, HUMAN, TURN_SEPARATOR, format_answer, parse_conversation
 from .token_ids import bos_ids, text_ids
 
 ALPACA, MODEL, NONE = "alpaca", "model", "none"
@@ -68,6 +68,20 @@ class ChatFormat:
         text = self.prompt_text(self.with_system(messages))
         return self._start(text) + text_ids(self.tokenizer, text)
 
+    @property
+    def keeps_text(self) -> bool:
+        """Whether a canonical prompt text is used as it is (the alpaca format with nothing to add): the data,
+        rollouts and chats of every run before chat templates, token for token."""
+        return False
+
+    def prompt_ids_for(self, text: str, messages: Optional[Sequence[dict]] = None) -> List[int]:
+        """The ids a rollout, a chat or an evaluation starts from, for a prompt given as canonical text (and the
+        messages it came from, where the source gave them): the text itself where the format keeps it, else the
+        messages (or those of the text) rendered."""
+        if self.keeps_text and messages is None:
+            return bos_ids(self.tokenizer) + text_ids(self.tokenizer, text)
+        return self.prompt_ids(messages if messages is not None else parse_conversation(text))
+
     def sequence(self, messages: Sequence[dict], all_turns: bool = False) -> Tuple[List[int], List[int]]:
         """(ids, labels) of a conversation ending with an assistant turn: labels are the ids on the answer tokens
         (the last answer, or every answer with all_turns) and their end of turn, IGNORE_INDEX elsewhere."""
@@ -93,6 +107,10 @@ class AlpacaFormat(ChatFormat):
     """Today's format; for data that comes as text (Example.prompt) the text is used as it is (see data_utils)."""
 
     name = ALPACA
+
+    @property
+    def keeps_text(self) -> bool:
+        return not self.system_prompt
 
     def _turns(self, messages: Sequence[dict]) -> List[Piece]:
         pieces: List[Piece] = []

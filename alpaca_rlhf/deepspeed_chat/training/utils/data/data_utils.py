@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..utils import barrier, is_rank_0, print_rank_0
-from .chat_template import IGNORE_INDEX, AlpacaFormat, ChatFormat, JinjaFormat, format_from_args, load_chat_format
+from .chat_template import IGNORE_INDEX, ChatFormat, JinjaFormat, format_from_args, load_chat_format
 from .prompt_format import parse_conversation
 from .raw_datasets import Example, get_raw_dataset
 from .token_ids import bos_ids, text_ids
@@ -61,16 +61,17 @@ def _keep_last(ids: List[int], max_len: int) -> Tuple[List[int], int]:
     return ids[cut:], cut
 
 
+def source_messages(example: Example) -> Optional[List[dict]]:
+    """The messages the example's source gave for its prompt, or None (the prompt came as text)."""
+    if example.messages is None:
+        return None
+    return [{"role": role, "content": content} for role, content in example.messages]
+
+
 def prompt_messages(example: Example) -> List[dict]:
     """The conversation before the answer: the example's own messages, or those of its canonical prompt text."""
-    if example.messages is not None:
-        return [{"role": role, "content": content} for role, content in example.messages]
-    return parse_conversation(example.prompt)
-
-
-def _as_text(fmt: ChatFormat, example: Example) -> bool:
-    """Today's path, byte for byte: the alpaca format over a canonical prompt text, nothing to add to it."""
-    return isinstance(fmt, AlpacaFormat) and example.messages is None and not fmt.system_prompt
+    messages = source_messages(example)
+    return messages if messages is not None else parse_conversation(example.prompt)
 
 
 def _sequence(fmt: ChatFormat, example: Example, answer: str, max_seq_len: int,
@@ -79,7 +80,7 @@ def _sequence(fmt: ChatFormat, example: Example, answer: str, max_seq_len: int,
     tokens. Prompt and answer are tokenized apart: that is how rollouts and the chatbot see them. The prompt
     length counts the tokens before the final answer (BOS, where due, included)."""
     tokenizer = fmt.tokenizer
-    if _as_text(fmt, example) and not all_turns:
+    if fmt.keeps_text and example.messages is None and not all_turns:  # byte for byte as before chat templates
         prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, example.prompt)
         answer_ids = text_ids(tokenizer, answer + fmt.answer_suffix) + [tokenizer.eos_token_id]
         ids, labels = prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
@@ -111,11 +112,7 @@ def tokenize_pair(example: Example, fmt: ChatFormat, max_seq_len: int) -> Dict[s
 
 
 def tokenize_prompt(example: Example, fmt: ChatFormat, max_prompt_len: int) -> Dict[str, List[int]]:
-    if _as_text(fmt, example):
-        ids = bos_ids(fmt.tokenizer) + text_ids(fmt.tokenizer, example.prompt)
-    else:
-        ids = fmt.prompt_ids(prompt_messages(example))
-    ids, _ = _keep_last(ids, max_prompt_len)
+    ids, _ = _keep_last(fmt.prompt_ids_for(example.prompt, source_messages(example)), max_prompt_len)
     return {"prompt_ids": ids}
 
 

@@ -18,7 +18,8 @@ TURN_SEPARATOR = "\n\n"
 
 # A role marker at the start of the text or after whitespace. Content between markers is a turn.
 _MARKER = re.compile(r"(?:^|(?<=\s))(Human|Assistant):")
-_ROLE_ALIASES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
+_ROLE_ALIASES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+                 "system": "system"}
 
 
 def format_answer(text: str) -> str:
@@ -54,7 +55,7 @@ def parse_conversation(text: str) -> List[dict]:
 
 
 def normalize_role(role: str) -> str:
-    """Map the role names found in chat datasets onto "user"/"assistant"; raise ValueError otherwise."""
+    """Map the role names found in chat datasets onto "system"/"user"/"assistant"; raise ValueError otherwise."""
     key = str(role).strip().lower()
     if key not in _ROLE_ALIASES:
         raise ValueError(f"unknown message role {role!r} (expected one of {sorted(_ROLE_ALIASES)})")
@@ -62,10 +63,13 @@ def normalize_role(role: str) -> str:
 
 
 def messages_to_prompt(messages: Sequence[dict]) -> str:
-    """Canonical prompt from messages that end with a user turn (consecutive same-role turns are joined)."""
+    """Canonical prompt from messages that end with a user turn (consecutive same-role turns are joined; system
+    messages have no place in this text and are left out: the chat formats render them, chat_template.py)."""
     merged: List[List[str]] = []
     for m in messages:
         role = normalize_role(m["role"])
+        if role == "system":
+            continue
         if merged and merged[-1][0] == role:
             merged[-1][1] += "\n" + str(m["content"]).strip()
         else:

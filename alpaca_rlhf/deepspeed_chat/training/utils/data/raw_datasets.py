@@ -19,11 +19,12 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import DataError
-from .prompt_format import ASSISTANT, build_prompt, format_answer, messages_to_prompt, parse_conversation
+from .prompt_format import (ASSISTANT, build_prompt, format_answer, messages_to_prompt, normalize_role,
+                            parse_conversation)
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ def _strip_answer_marker(text: str) -> str:
 
 
 class _CanonicalPairs(RawDataset):
-    """Dahoas HH-style data: canonical prompt, answers with a leading space, splits train and test."""
+    """Dahoas HH-style data: canonical prompt, answers with a leading space, splits train and test. `columns`
+    names the prompt, chosen and rejected columns, in that order."""
 
     columns = ("prompt", "chosen", "rejected")
     eval_split = "test"
@@ -259,12 +261,13 @@ class _CanonicalPairs(RawDataset):
 
     def _convert(self, rows: Iterable[Row]) -> List[Example]:
         examples = []
+        prompt_column, chosen_column, rejected_column = self.columns
         for where, number, r in rows:
-            prompt = self._prompt(_text(r["prompt"], where, number, "prompt"))
+            prompt = self._prompt(_text(r[prompt_column], where, number, prompt_column))
             if prompt is None:
                 continue
-            chosen = self._answer(_text(r["chosen"], where, number, "chosen"))
-            rejected = self._answer(_text(r["rejected"], where, number, "rejected"))
+            chosen = self._answer(_text(r[chosen_column], where, number, chosen_column))
+            rejected = self._answer(_text(r[rejected_column], where, number, rejected_column))
             example = self._make(prompt, chosen, rejected)
             if example:
                 examples.append(example)
@@ -505,7 +508,7 @@ class LocalJsonFile(RawDataset):
                     continue
                 example = self._make(prompt, chosen, rejected)
                 if example:
-                    examples.append(Example(example.prompt, example.chosen, example.rejected, messages))
+                    examples.append(replace(example, messages=messages))
         return examples
 
     def _context(self, value, where: str, number: int) -> Optional[Tuple[Tuple[str, str], ...]]:
@@ -638,7 +641,7 @@ class AnthropicHhRlhf(RawDataset):
         return examples
 
 
-class StackExchangePaired(RawDataset):
+class StackExchangePaired(_CanonicalPairs):
     """lvwerra/stack-exchange-paired: parquet files under `data/` (finetune, reward, rl, evaluation) with
     `question`, `response_j` (preferred) and `response_k`. Point the path at the folder of the subset to read
     (e.g. `.../stack-exchange-paired/data/reward`); `evaluation` files, where present below the path, are the eval
@@ -658,18 +661,6 @@ class StackExchangePaired(RawDataset):
         if evaluation and train:
             return self._convert(self._parquet_rows(train)), self._convert(self._parquet_rows(evaluation))
         return self._holdout(self._convert(self._parquet_rows(files)))
-
-    def _convert(self, rows: Iterable[Row]) -> List[Example]:
-        examples = []
-        for where, number, r in rows:
-            prompt = self._normalized_prompt(_text(r["question"], where, number, "question"))
-            if prompt is None:
-                continue
-            example = self._make(prompt, _text(r["response_j"], where, number, "response_j"),
-                                 _text(r["response_k"], where, number, "response_k"))
-            if example:
-                examples.append(example)
-        return examples
 
 
 def split_implicit_prompt(chosen: Tuple[Tuple[str, str], ...], rejected: Tuple[Tuple[str, str], ...]):
@@ -693,21 +684,19 @@ def split_implicit_prompt(chosen: Tuple[Tuple[str, str], ...], rejected: Tuple[T
     return chosen[:shared], answers[0], answers[1]
 
 
-_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-          "bot": "assistant"}
-
-
 def _messages(value, where: str, number: int, column: str) -> Tuple[Tuple[str, str], ...]:
     """((role, content), ...) of a message list, roles system/user/assistant."""
     if not isinstance(value, list):
         raise DataError(f"{where}: row {number}: column {column} should be a list of {{role, content}} messages")
     out = []
     for m in value:
-        role = str(m.get("role", "")).strip().lower() if isinstance(m, dict) else ""
-        if role not in _ROLES or "content" not in m:
+        try:
+            role = normalize_role(m["role"])
+            content = m["content"]
+        except (ValueError, KeyError, TypeError):
             raise DataError(f"{where}: row {number}: column {column}: each message needs a role (system, user, "
-                            f"assistant) and a content, found {m!r:.80}")
-        out.append((_ROLES[role], _text(m["content"], where, number, column).strip()))
+                            f"assistant) and a content, found {m!r:.80}") from None
+        out.append((role, _text(content, where, number, column).strip()))
     return tuple(out)
 
 
@@ -721,8 +710,8 @@ def _conversation(value, where: str, number: int, column: str) -> Tuple[Tuple[st
 def _canonical_prompt(context: Tuple[Tuple[str, str], ...]) -> Optional[str]:
     """The canonical Human/Assistant prompt of a conversation (system messages aside), or None when it does not
     end with a user turn. An empty conversation gives "" (counted as an empty prompt)."""
-    turns = [{"role": role, "content": content} for role, content in context if role != "system"]
-    if not any(m["content"] for m in turns):
+    turns = [{"role": role, "content": content} for role, content in context]
+    if not any(m["content"] for m in turns if m["role"] != "system"):
         return ""
     try:
         return messages_to_prompt(turns)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .families import FAMILIES, family_of, plain_layers
+from .families import partitioned as is_partitioned
 from .lean_modules import apply_rotary, rms_norm, swiglu, swiglu_down
 
 _ATTENTION = ("sdpa", "eager")  # both computed by F.scaled_dot_product_attention here
@@ -69,7 +70,7 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
                          f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-    partitioned = hasattr(body.embed_tokens.weight, "ds_id")            # ZeRO-3: modules gather their weights
+    partitioned = is_partitioned(body)                                  # ZeRO-3: modules gather their weights
     x = body.embed_tokens(input_ids)                                    # (B, T, H)
     cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
     mask = _attention_mask(attention_mask, T, S, x.device)

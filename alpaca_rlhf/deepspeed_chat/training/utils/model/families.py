@@ -52,5 +52,6 @@ def plain_layers(body: nn.Module, family: Family, max_length: Optional[int]) -> 
 
 
 def partitioned(model: nn.Module) -> bool:
-    """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    """ZeRO-3 leaves each rank an empty placeholder per parameter outside a gather (it partitions every parameter
+    of a model it manages, so the first tells: this runs on every forward)."""
+    return hasattr(next(model.parameters(), None), "ds_id")

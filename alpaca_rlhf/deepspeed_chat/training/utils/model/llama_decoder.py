@@ -62,10 +62,10 @@ def group_slices(layer: nn.Module):
 
 class _Projection:
     """y = x W^T + b for the few rows of a decode step, with W laid out once per rollout for that case (CPU only).
-    F.linear on a (16, in) input runs at a third of the matmul rate on this CPU (fp32, measured with W in
-    cache: 109 vs 282 GFLOP/s for x @ (W^T contiguous)); with the weights streamed from memory, as in a real
-    step, MKL's packed format (what torch.compile uses for frozen CPU weights) reads them 20% faster still
-    (12.5 vs 10.4 GB/s). Packing is an internal torch op: fp32 CPU weights only, else the transposed copy.
+    On the CPU, F.linear on a (16, in) input runs far below the matmul rate of x @ (W^T contiguous), and MKL's
+    packed format (what torch.compile uses for frozen CPU weights) streams the weights faster still (figures in
+    bench/RESULTS.md, "Decode-step weight layouts"). Packing is an internal torch op: fp32 CPU weights only, else
+    the transposed copy.
     Each layout is a copy of the weights for the rollout, worth it for MKL's small-row products only: on other
     devices (a GPU's GEMM takes W as it is stored) the weight is used in place, no copy."""
 
