@@ -56,6 +56,28 @@ def run_launcher(script: str, args, num_gpus: int = 2, timeout: int = 600, check
     return proc
 
 
+def kill_after_first_checkpoint(script: str, args, out: str, num_gpus: int = 2, timeout: int = 300) -> int:
+    """Start `script` like run_launcher, SIGKILL the whole launcher tree as soon as OUTPUT_DIR/checkpoints/latest
+    appears (mid-run, no cleanup), and return the step that checkpoint holds."""
+    import signal
+    import time
+    port = free_port()
+    cmd = ["sh", "run.sh", "--num_gpus", str(num_gpus), "--master_port", str(port), script, *map(str, args)]
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + timeout
+    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(latest), "the run ended (or timed out) before its first checkpoint"
+    # the shared-memory buffers' names are unlinked at start-up, so even a killed run leaves none behind
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    return int(open(latest).read().strip().split("_")[1])
+
+
 def common_args(model, out, data_cache, *extra):
     """Flags every end-to-end run shares: the demo data, short sequences, small evaluations, no progress bar."""
     return ["--data_path", RM_STATIC, "--data_output_path", data_cache, "--model_name_or_path", model,

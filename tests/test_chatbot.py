@@ -2,6 +2,8 @@
 real headless browser (Debian's chromium over the DevTools protocol; skipped when it is not installed),
 and the terminal chat. Everything runs on the micro model, on CPU, offline."""
 import base64
+import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -9,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -161,15 +164,23 @@ def test_beam_search_yields_once(chat_model):
 
 
 # ----------------------------------------------------------------------------------------------- the app
-@pytest.fixture(scope="module")
-def app(chat_model):
-    """The gradio app on a free port of 127.0.0.1, in this process (so a test can look inside)."""
-    from alpaca_rlhf.inference.llama_chatbot_gradio import build_demo
-    demo = build_demo([chat_model], GenerationSettings(**FAST)).queue()
+@contextlib.contextmanager
+def served(demo):
+    """`demo` on a free port of 127.0.0.1, in this process (so a test can look inside); yields its URL."""
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def app(chat_model):
+    """The gradio app as main() builds it (its queue included), with short answers."""
+    from alpaca_rlhf.inference.llama_chatbot_gradio import build_demo
+    with served(build_demo([chat_model], GenerationSettings(**FAST))) as url:
+        yield url
 
 
 def test_two_turns_through_gradio_client(app, monkeypatch):
@@ -198,6 +209,67 @@ def test_two_turns_through_gradio_client(app, monkeypatch):
     assert client.predict(api_name="/clear") == []
 
 
+USERS, LOAD_SECONDS, REPLY_TIMEOUT = 8, 25, 60  # with the server start and the first answer: about 30 s
+# Every user sends the same first message with greedy decoding, so every answer must be the one a lone request
+# gets: an answer cut short or mixed up under load shows. Long enough answers that eight users fill the line.
+GREETING, SETTINGS = "Hello, who are you?", [32, False, 0.7, 0.9, 0, 1, 1.0]
+
+
+def ask(client, timeout: float) -> str:
+    """The answer to GREETING in a new conversation; raises what the client raises (QueueError when refused)."""
+    box, history = client.submit(GREETING, [], *SETTINGS, api_name="/chat").result(timeout=timeout)
+    last = history[-1]
+    assert box == "" and last["role"] == "assistant" and not last.get("metadata"), (box, history)
+    return last["content"][0]["text"]
+
+
+def user_session(url: str, deadline: float, outcomes: list):
+    """One user with a client of their own, asking until `deadline`: each outcome is the answer, "refused"
+    (the queue was full) or a description of what went wrong."""
+    from gradio_client import Client
+    from gradio_client.utils import QueueError
+    client = Client(url, verbose=False)
+    try:
+        while time.time() < deadline:
+            try:
+                outcomes.append(ask(client, REPLY_TIMEOUT))  # bounded: a request left hanging fails the test
+            except QueueError as e:
+                outcomes.append("refused" if "queue is full" in str(e).lower() else f"QueueError: {e}")
+                time.sleep(0.2)  # a refused user tries again a moment later, not in a busy loop
+            except concurrent.futures.TimeoutError:
+                outcomes.append(f"no reply in {REPLY_TIMEOUT} s")
+            except Exception as e:  # reported with the rest, so the other users go on
+                outcomes.append(f"{type(e).__name__}: {e}")
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_eight_users_against_a_small_queue_are_answered_or_refused_never_left_hanging(chat_model):
+    """One answer at a time and two requests waiting at most: eight users who keep asking for LOAD_SECONDS each
+    get the answer or gradio's "Queue is full" (both at least once); no request is left hanging."""
+    from gradio_client import Client
+    from alpaca_rlhf.inference.llama_chatbot_gradio import build_demo
+    outcomes = [[] for _ in range(USERS)]
+    with served(build_demo([chat_model], GenerationSettings(**FAST), concurrency_limit=1, max_queue=2)) as url:
+        alone = Client(url, verbose=False)
+        expected = ask(alone, REPLY_TIMEOUT)
+        alone.close()
+        assert expected, "the micro model's answer to the greeting is empty: pick another greeting"
+        deadline = time.time() + LOAD_SECONDS
+        users = [threading.Thread(target=user_session, args=(url, deadline, outcomes[i]), daemon=True)
+                 for i in range(USERS)]
+        for u in users:
+            u.start()
+        for u in users:  # the last request may start just before the deadline and wait its full timeout
+            u.join(timeout=max(0.0, deadline - time.time()) + REPLY_TIMEOUT + 15)
+        assert not [i for i, u in enumerate(users) if u.is_alive()], "a user's request never came back"
+    everything = [o for user in outcomes for o in user]
+    assert not [o for o in everything if o not in (expected, "refused")], everything
+    assert all(outcomes), "a user's client never sent a request"
+    assert everything.count(expected) >= 1 and everything.count("refused") >= 1, everything
+
+
 def test_chat_function_ignores_notes_and_reports_bad_settings(chat_model):
     from alpaca_rlhf.inference.llama_chatbot_gradio import make_chat_fn, notice, to_turns
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]},
@@ -208,17 +280,57 @@ def test_chat_function_ignores_notes_and_reports_bad_settings(chat_model):
     assert box == "hello" and "temperature" in out[-1]["content"] and out[-1]["metadata"]["title"]
 
 
-def test_a_client_history_beyond_the_bound_is_cut_with_a_note(chat_model, monkeypatch):
+def client_history(turns: int) -> list:
+    # Fixed-width texts: every turn renders to as many characters, whatever its number.
+    return [m for i in range(turns) for m in ({"role": "user", "content": f"q{i:05d}"},
+                                              {"role": "assistant", "content": f"a{i:05d}"})]
+
+
+def counting(method, texts: list):
+    """`method` (a tokenizer's encoding method) that first records the text it is given in `texts`."""
+    def wrapper(self, text, *args, **kwargs):
+        texts.append(text)
+        return method(self, text, *args, **kwargs)
+    return wrapper
+
+
+def chat_work(chat_model, monkeypatch, turns: int):
+    """One chat request after a client history of `turns` turns, through the endpoint's function: (the texts
+    the tokenizer was given, the notes shown, the number of turns the prompt was built from, the textbox value
+    and the messages sent back)."""
     import alpaca_rlhf.inference.llama_chatbot_gradio as gui
-    notes, seen = [], []
-    monkeypatch.setattr(gui.gr, "Info", notes.append)
+    tokenized, notes, seen = [], [], []
     real = gui.build_chat_prompt
-    monkeypatch.setattr(gui, "build_chat_prompt", lambda tok, turns, *a: seen.append(len(turns)) or real(tok, turns, *a))
-    history = [m for i in range(gui.MAX_HISTORY_TURNS + 50)
-               for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"})]
-    gui._prompt_for(chat_model, history, "now", GenerationSettings(max_new_tokens=4))
-    assert seen == [gui.MAX_HISTORY_TURNS] and notes[0].endswith(f"only the latest {gui.MAX_HISTORY_TURNS} of "
-                                                                  f"{gui.MAX_HISTORY_TURNS + 50} turns are read")
+    with monkeypatch.context() as patch:
+        patch.setattr(gui.gr, "Info", notes.append)
+        patch.setattr(gui, "build_chat_prompt", lambda tok, t, *a: seen.append(len(t)) or real(tok, t, *a))
+        # On the class: the chat format keeps its own reference to the tokenizer. Both ways of encoding count.
+        cls = type(chat_model.tokenizer)
+        for name in ("__call__", "encode"):
+            patch.setattr(cls, name, counting(getattr(cls, name), tokenized))
+        chat = gui.make_chat_fn([chat_model])
+        *_, (box, messages) = chat("now", client_history(turns), 4, False, 0.7, 0.9, 0, 1, 1.0)
+    return tokenized, notes, seen, box, messages
+
+
+def test_a_client_history_beyond_the_bound_is_cut_with_a_note(chat_model, monkeypatch):
+    """A 2000-turn client history: only the latest turns are read, with a note; the tokenizer is given about
+    log2(kept turns) prompts, of the kept turns only, so the work does not grow with the history sent."""
+    import math
+    import alpaca_rlhf.inference.llama_chatbot_gradio as gui
+    bound = gui.MAX_HISTORY_TURNS
+    tokenized, notes, seen, box, messages = chat_work(chat_model, monkeypatch, 2000)
+    assert seen == [bound] and notes[0].endswith(f"only the latest {bound} of 2000 turns are read")
+    # The answer comes back after the history, which is returned whole (only the prompt is cut).
+    assert box == "" and len(messages) == 2 * 2000 + 2 and messages[-2] == {"role": "user", "content": "now"}
+    assert messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str)
+    assert "metadata" not in messages[-1]  # an answer, not a failure notice
+    # Bisection over the kept turns (plus the message alone), and no turn older than the kept ones tokenized.
+    assert 1 <= len(tokenized) <= math.ceil(math.log2(bound)) + 2
+    assert not any(f"q{i:05d}" in text for text in tokenized for i in (0, 1000, 2000 - bound - 1))
+    # The same work for a history a quarter as long: none of it depends on the turns beyond the bound.
+    shorter, *_ = chat_work(chat_model, monkeypatch, 500)
+    assert [len(t) for t in shorter] == [len(t) for t in tokenized]
 
 
 def test_side_by_side_models_keep_their_own_history(chat_model):
@@ -381,6 +493,19 @@ def test_app_script_reports_a_bad_path(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: model directory {tmp_path / 'missing'} does not exist"]
+
+
+@pytest.mark.parametrize("flag", ["--max_queue", "--concurrency_limit"])
+def test_app_refuses_a_queue_bound_below_one_before_loading(flag, micro_model_dir, capsys):
+    from alpaca_rlhf.inference.llama_chatbot_gradio import main
+    assert main(["--path", micro_model_dir, flag, "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1, got 0"]
+
+
+def test_app_defaults_bind_this_machine_only_with_a_bounded_queue():
+    from alpaca_rlhf.inference.llama_chatbot_gradio import DEFAULT_MAX_QUEUE, parse_args
+    args = parse_args(["--path", "model"])
+    assert args.server_name == "127.0.0.1" and not args.share and args.max_queue == DEFAULT_MAX_QUEUE >= 1
 
 
 def test_terminal_chat_with_piped_stdin(micro_model_dir):

@@ -4,11 +4,12 @@ naming what was wrong, before anything is exported."""
 import argparse
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from conftest import RM_STATIC, STEP2, STEP3, common_args, run_launcher
+from conftest import ALPACA, RM_STATIC, STEP2, STEP3, common_args, run_launcher
 from test_step3_e2e import ppo_args
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
@@ -71,31 +72,26 @@ class Batches(list):
     sampler = None  # a DataLoader's attribute that train_loop reads
 
 
-class NullLogger:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, step, metrics):
-        self.rows.append(metrics)
-
-
-def _loop(losses, limit):
-    engine, logger = FakeEngine(), NullLogger()
+def _loop(losses, limit, out):
+    """train_loop over one micro-batch per loss; returns the engine and the logged training rows."""
+    engine = FakeEngine()
     args = argparse.Namespace(num_train_epochs=1, disable_progress_bar=True, print_loss=False, max_train_steps=0,
-                              max_nonfinite_steps=limit)
+                              max_nonfinite_steps=limit, output_dir=str(out), enable_tensorboard=False,
+                              tensorboard_path=None, save_interval=0, resume=False, no_auto_resume=True)
     batches = Batches({"x": torch.tensor([i])} for i in range(len(losses)))
-    train_loop(engine, batches, lambda b: (torch.tensor(losses[int(b["x"])]), {}), lambda: {}, args, logger, "t")
-    return engine, logger
+    train_loop(engine, batches, lambda b: (torch.tensor(losses[int(b["x"])]), {}), lambda: {}, args, "t", "t")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return engine, [r for r in rows if "loss/train" in r]
 
 
-def test_a_non_finite_loss_is_skipped_and_too_many_in_a_row_stop_the_run():
+def test_a_non_finite_loss_is_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):
     nan, inf = float("nan"), float("inf")
-    engine, logger = _loop([1.0, nan, 2.0, inf, nan, 3.0], limit=3)
+    engine, rows = _loop([1.0, nan, 2.0, inf, nan, 3.0], limit=3, out=tmp_path / "a")
     assert engine.backwards == engine.global_steps == 3                 # only the finite micro-batches stepped
-    assert [r["train/nonfinite_skipped"] for r in logger.rows if "loss/train" in r] == [0, 1, 3]
+    assert [r["train/nonfinite_skipped"] for r in rows] == [0, 1, 3]
     with pytest.raises(NonFiniteError, match=r"\[t\] step 1: the loss was NaN or infinite on some rank for 3 "
                                              r"micro-batches in a row \(--max_nonfinite_steps 3\)"):
-        _loop([1.0, nan, nan, nan, 2.0], limit=3)
+        _loop([1.0, nan, nan, nan, 2.0], limit=3, out=tmp_path / "b")
     guard = NonFiniteGuard(2, "t")
     assert guard.ok(torch.tensor([1.0, 2.0]), 0) and not guard.ok(torch.tensor([1.0, math.nan]), 0)
 
@@ -145,20 +141,6 @@ def test_an_output_dir_over_an_input_model_is_refused(tmp_path):
         check_output_dir(argparse.Namespace(model_name_or_path=str(actor), output_dir=str(actor) + "/"))
 
 
-def test_an_export_removes_what_a_killed_export_left(tmp_path, micro_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import EXPORT_TMP_PREFIX, save_hf_format
-    out = tmp_path / "export"
-    (out / f"{EXPORT_TMP_PREFIX}dead").mkdir(parents=True)
-    (out / f"{EXPORT_TMP_PREFIX}dead" / "model.safetensors").write_bytes(b"half")
-    (out / "notes.txt").write_text("mine")
-    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
-    save_hf_format(model, AutoTokenizer.from_pretrained(micro_model_dir), str(out))
-    assert not list(out.glob(f"{EXPORT_TMP_PREFIX}*")) and (out / "notes.txt").read_text() == "mine"
-    AutoModelForCausalLM.from_pretrained(str(out))
-
-
 def _checkpoint_dir(root, step, complete=True):
     path = root / "checkpoints" / f"step_{step}"
     path.mkdir(parents=True)
@@ -186,9 +168,52 @@ def test_a_resume_with_changed_flags_is_refused_unless_allowed(tmp_path):
     saved = {"actor_learning_rate": 1e-5, "world_size": 2, "data_path": ["a"], "eval_interval": 0}
     (path / "config.json").write_text(json.dumps(saved))
     check_resume_config(str(path), dict(saved, eval_interval=5, resume=True), False)  # how it runs, not what
-    changed = dict(saved, actor_learning_rate=2e-5, world_size=4)
+    changed = dict(saved, actor_learning_rate=2e-5, data_path=["b"])
     with pytest.raises(ConfigError) as error:
         check_resume_config(str(path), changed, False)
-    assert "--actor_learning_rate 1e-05 -> 2e-05, --world_size 2 -> 4" in str(error.value)
+    assert "--actor_learning_rate 1e-05 -> 2e-05, --data_path ['a'] -> ['b']" in str(error.value)
     assert "--resume_with_changes" in str(error.value)
     check_resume_config(str(path), changed, True)
+    # ZeRO's optimizer partitions and the ranks' data positions belong to one world size: never resumed
+    for allowed in (False, True):
+        with pytest.raises(ConfigError, match="was written by 2 ranks and this run has 4; resume it with 2 ranks"):
+            check_resume_config(str(path), dict(saved, world_size=4), allowed)
+
+
+NAN_ON_RANK_1 = """
+import torch
+from alpaca_rlhf.deepspeed_chat.training.step1_supervised_finetuning import main as step1
+from alpaca_rlhf.deepspeed_chat.training.utils.entry import run_cli
+
+real_loss, calls = step1.causal_lm_loss, [0]
+
+def loss(logits, labels, fp32=False):  # NaN on rank 1 in its 2nd and 3rd training micro-batches
+    value = real_loss(logits, labels, fp32)
+    if torch.is_grad_enabled():
+        calls[0] += 1
+        if torch.distributed.get_rank() == 1 and calls[0] in (2, 3):
+            return value * float("nan")
+    return value
+
+step1.causal_lm_loss = loss
+run_cli(step1.main)
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(micro_model_dir, tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "actor"
+    proc = run_launcher(str(script), common_args(micro_model_dir, str(out), str(tmp_path / "data"),
+                                                 "--sft_only_data_path", ALPACA, "--per_device_train_batch_size", 4,
+                                                 "--max_train_steps", 5, "--max_eval_samples", 16, "--print_loss"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in rows if "loss/train" in r]
+    assert [r["train/nonfinite_skipped"] for r in train] == [0, 2, 2, 2, 2]  # skipped on both ranks, counted
+    assert all(math.isfinite(r["loss/train"]) for r in train)
+    for rank in (0, 1):  # 7 micro-batches, 5 optimizer steps: both ranks stepped on the same 5
+        steps = re.findall(rf"\[step1 sft\] rank {rank} epoch 0 step (\d+) loss", proc.stdout)
+        assert steps == ["1", "2", "3", "4", "5"], (rank, steps)
+    assert proc.stdout.count("non-finite loss; micro-batch skipped on every rank") == 2
+    assert (out / "model.safetensors").exists()

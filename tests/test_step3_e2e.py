@@ -3,17 +3,14 @@ the seed command's LoRA setting, ZeRO-3, full fine-tuning with separate frozen c
 and kill-and-resume equivalence."""
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from conftest import ALPACA, REPO, RM_STATIC, STEP3, free_port, run_launcher
+from conftest import ALPACA, REPO, RM_STATIC, STEP3, free_port, kill_after_first_checkpoint, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -138,19 +135,9 @@ def test_kill_and_resume_gives_the_same_metrics(reward_run, tmp_path):
     assert sorted(expected) == list(range(1, 9))
 
     out = str(tmp_path / "killed")
-    cmd = ["sh", "run.sh", "--num_gpus", "2", "--master_port", str(free_port()), STEP3,
-           *map(str, ppo_args(actor, critic, out, str(tmp_path / "data"), *common))]
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.time() + 300
-    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher tree, mid-run
-    proc.wait()
-    assert os.path.exists(latest) and not os.path.exists(os.path.join(out, "actor")), "the run was not interrupted"
-    resumed_from = int(open(latest).read().strip().split("_")[1])
+    resumed_from = kill_after_first_checkpoint(STEP3, ppo_args(actor, critic, out, str(tmp_path / "data"), *common),
+                                               out)
+    assert not os.path.exists(os.path.join(out, "actor")), "the run was not interrupted"
 
     resumed = run_launcher(STEP3, ppo_args(actor, critic, out, str(tmp_path / "data"), *common))
     assert f"resumed from {os.path.join(out, 'checkpoints', f'step_{resumed_from}')}" in resumed.stdout

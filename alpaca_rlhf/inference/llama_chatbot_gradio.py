@@ -31,6 +31,9 @@ from alpaca_rlhf.inference.chat_core import (ChatModel, GenerationSettings, add_
 
 NOTICE_TITLE = "Note"
 EMPTY_MESSAGE = "Type a message first."
+# Requests that may wait for a free generator. Each waits for every answer ahead of it, so a longer line only
+# means longer waits (and a stuck client's requests piling up): past it, refusing at once is the clearer answer.
+DEFAULT_MAX_QUEUE = 16
 
 
 # ----------------------------------------------------------------------------------------------- history
@@ -161,7 +164,10 @@ def _controls(defaults: GenerationSettings, max_tokens: int) -> list:
 
 
 def build_demo(models: Sequence[ChatModel], defaults: Optional[GenerationSettings] = None,
-               concurrency_limit: int = 1) -> gr.Blocks:
+               concurrency_limit: int = 1, max_queue: int = DEFAULT_MAX_QUEUE) -> gr.Blocks:
+    """The app, its queue configured: at most `concurrency_limit` answers generated at once and `max_queue`
+    requests waiting; a request beyond that is refused at once (gradio's "Queue is full") instead of waiting
+    without end behind a growing line."""
     defaults = defaults or GenerationSettings()
     max_tokens = max(1, min(min(m.context_length for m in models) - 1, 4096))
     with gr.Blocks(title="alpaca_rlhf chat") as demo:
@@ -182,7 +188,8 @@ def build_demo(models: Sequence[ChatModel], defaults: Optional[GenerationSetting
                            api_name="chat", concurrency_limit=concurrency_limit, concurrency_id="generate")
         clear.click(fn=clear_fn(len(models)), outputs=chatbots, api_name="clear", cancels=[chat_event],
                     queue=False)
-    return demo
+    # Here rather than in main, so an app built by a test has the same bound; a later demo.queue() would replace it.
+    return demo.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -198,6 +205,9 @@ def parse_args(argv=None):
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off)")
     parser.add_argument("--concurrency_limit", type=int, default=1,
                         help="answers generated at the same time; other users wait in the queue")
+    parser.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="how many requests may wait in gradio's queue; beyond that a new request is refused "
+                             "with a 'Queue is full' message instead of waiting without end")
     add_generation_args(parser)
     return parser.parse_args(argv)
 
@@ -207,6 +217,8 @@ def _check_args(args):
         raise UserError("--compare needs at least two --path (e.g. the SFT and the RLHF actor)")
     if args.concurrency_limit < 1:
         raise UserError(f"--concurrency_limit must be at least 1, got {args.concurrency_limit}")
+    if args.max_queue < 1:
+        raise UserError(f"--max_queue must be at least 1, got {args.max_queue}")
     for path in args.path:  # every path before loading any: a typo in the second one fails in a second
         check_model_dir(path)
 
@@ -222,8 +234,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    demo = build_demo(models, settings, args.concurrency_limit)
-    demo.queue(default_concurrency_limit=args.concurrency_limit)
+    demo = build_demo(models, settings, args.concurrency_limit, args.max_queue)
     demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
     return 0
 

@@ -22,7 +22,6 @@ from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorSFT, supervised_loaders
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
-from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, causal_lm_loss,
                                                                         tokenizer_from_args, save_hf_format)
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
@@ -63,7 +62,6 @@ def main():
     train_loader, eval_loader = supervised_loaders(args, tokenizer, 1, DataCollatorSFT(tokenizer.pad_token_id))
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, "step1_sft")
 
     def sft_loss(batch):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -71,8 +69,7 @@ def main():
 
     history = train_loop(engine, train_loader, sft_loss,
                          lambda: evaluate_perplexity(engine, eval_loader, args.compute_fp32_loss),
-                         args, logger, desc="step1 sft")
-    logger.close()
+                         args, desc="step1 sft", run_name="step1_sft")
 
     print_rank_0(f"saving the model to {args.output_dir}")
     save_hf_format(engine, tokenizer, args.output_dir, spec.zero_stage, resolved_config(args),

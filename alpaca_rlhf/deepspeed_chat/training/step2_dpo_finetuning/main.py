@@ -24,7 +24,6 @@ from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollat
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss, sequence_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
-from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, save_hf_format,
                                                                         tokenizer_from_args)
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
@@ -79,7 +78,6 @@ def main():
         ref_model = causal_lm_loader(args, tokenizer, args.reference_model_name_or_path)(ds_config)
         reference = init_frozen_engine(ref_model, args, spec.zero_stage, args.offload_reference_model)
         reference_ctx = contextlib.nullcontext
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, "step2_dpo")
 
     def dpo_terms(batch):
         """Per-pair DPO losses and implicit rewards for a batch of 2B rows (chosen first, then rejected)."""
@@ -111,9 +109,8 @@ def main():
         return {"eval/loss": loss, "eval/reward_accuracy": acc, "eval/chosen_reward": chosen,
                 "eval/rejected_reward": rejected, "eval/margin": chosen - rejected}
 
-    history = train_loop(engine, train_loader, train_step, evaluate, args, logger, desc="dpo",
+    history = train_loop(engine, train_loader, train_step, evaluate, args, desc="dpo", run_name="step2_dpo",
                          eval_interval=args.eval_interval)
-    logger.close()
     save_hf_format(engine, tokenizer, args.output_dir, spec.zero_stage, resolved_config(args),
                    base_model_name_or_path=args.model_name_or_path, extra_files={"eval_history.json": history})
     print_rank_0(f"done: eval reward accuracy {history[0]['eval/reward_accuracy']:.3f} -> "

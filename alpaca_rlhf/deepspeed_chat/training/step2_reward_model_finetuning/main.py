@@ -21,7 +21,6 @@ from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollat
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
-from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import save_hf_format, tokenizer_from_args
 from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import (create_critic_model, evaluate_pairs,
                                                                          reward_statistics)
@@ -61,7 +60,6 @@ def main():
                           f"with --data_split {args.data_split}); reward_stats.json needs them")
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, "step2_reward")
 
     def reward_loss(batch):
         out = engine(batch["input_ids"], batch["attention_mask"])
@@ -75,9 +73,8 @@ def main():
         metrics, last_scores["chosen"], last_scores["rejected"] = evaluate_pairs(engine, eval_loader, args.eval_iters)
         return metrics
 
-    history = train_loop(engine, train_loader, reward_loss, evaluate, args, logger, desc="step2 reward",
-                         eval_interval=args.eval_interval)
-    logger.close()
+    history = train_loop(engine, train_loader, reward_loss, evaluate, args, desc="step2 reward",
+                         run_name="step2_reward", eval_interval=args.eval_interval)
 
     stats = reward_statistics(last_scores["chosen"], last_scores["rejected"], {
         "data_path": args.data_path, "data_split": args.data_split, "split": "eval", "phase": 2, "seed": args.seed,

@@ -21,10 +21,10 @@ import alpaca_rlhf  # noqa: F401,E402  (before torch: MKL's kernel choice, alpac
 import torch  # noqa: E402
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.iterations import PromptIterations
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import PPOTrainer
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
-from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import (
-    check_resume_config, latest_checkpoint, load_checkpoint, load_checkpoint_tensors, save_checkpoint)
+from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import RunCheckpoints
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import (DataCollatorRLHF, DataCollatorSFT,
                                                                       create_prompt_dataset, make_dataloader)
 from alpaca_rlhf.deepspeed_chat.training.utils.data.chat_template import format_from_args
@@ -51,7 +51,7 @@ def ground_truth_scorer(data_path):
     return score
 
 
-def cycle(loader):
+def cycle(loader):  # (the PTX batches: their position is part of the trainer's state)
     while True:
         yield from loader
 
@@ -82,30 +82,23 @@ def main():
         ptx_batches = cycle(make_dataloader(ptx_data, DataCollatorSFT(tokenizer.pad_token_id),
                                             args.per_device_training_batch_size, True, args.seed))
 
-    iterations_per_epoch = len(prompt_loader) // args.generation_batches
-    if iterations_per_epoch == 0:  # nothing would train, and the unchanged actor would be exported
+    iterations = PromptIterations(prompt_loader, args.generation_batches, args.num_train_epochs)
+    if len(iterations) == 0:  # nothing would train, and the unchanged actor would be exported
         raise ConfigError(f"step 3 has {len(prompt_train)} training prompts, fewer than one PPO iteration takes "
                           f"(world size {args.world_size} x --per_device_generation_batch_size "
                           f"{args.per_device_generation_batch_size} x --generation_batches {args.generation_batches})")
-    total_steps = step3_args.optimizer_steps(args, iterations_per_epoch)
-    engine = DeepSpeedRLHFEngine(args, tokenizer, total_steps)
-    ground_truth = ground_truth_scorer(args.data_path)
-    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth,
+    engine = DeepSpeedRLHFEngine(args, tokenizer, step3_args.optimizer_steps(args, iterations.per_epoch))
+    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth_scorer(args.data_path),
                          stop_token_id=chat_format.stop_token_id)
 
-    # resume from the newest complete checkpoint, if any
-    checkpoint = latest_checkpoint(args.output_dir) if (args.resume or not args.no_auto_resume) else None
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if checkpoint:
-        check_resume_config(checkpoint, resolved_config(args), args.resume_with_changes)
-        state = load_checkpoint(checkpoint, {"actor": engine.actor, "critic": engine.critic})
+    checkpoints = RunCheckpoints(args, {"actor": engine.actor, "critic": engine.critic}, resolved_config(args))
+    state = checkpoints.resume()  # None: from step 0
+    if state:
         trainer.load_state_dict(state)
-        engine.load_ema_state(load_checkpoint_tensors(checkpoint))
-        print_rank_0(f"resumed from {checkpoint}: step {state['step']}, epoch {state['epoch']}, batch {state['batch']}")
-    elif args.resume:
-        print_rank_0(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from step 0")
+        iterations.load_state_dict(state)
+        engine.load_ema_state(checkpoints.tensors())
     logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, "step3_ppo",
-                           append=bool(checkpoint))
+                           append=state is not None)
 
     def evaluate(step, when):
         result = trainer.evaluate(eval_loader, args.eval_batches, num_samples=args.eval_samples)
@@ -115,49 +108,29 @@ def main():
         return {"step": step, **result, "samples": samples}
 
     before_file = os.path.join(args.output_dir, "eval_before.json")
-    if not checkpoint:
+    if state is None:
         before = evaluate(0, "before training")
         if is_rank_0():
             write_json(before_file, before)
 
-    step, done = state["step"], False
-    total_iterations = iterations_per_epoch * args.num_train_epochs
-    bar = progress_bar(total_iterations, "step3 ppo", disable=not is_rank_0() or args.disable_progress_bar)
-    bar.update(step)
-    for epoch in range(state["epoch"], args.num_train_epochs):
-        prompt_loader.sampler.set_epoch(epoch)
-        rollouts = []
-        for i, batch in enumerate(prompt_loader):
-            if epoch == state["epoch"] and i < state["batch"]:
-                continue  # already trained on before the checkpoint
-            rollout, timing = trainer.make_experience(batch["prompt"].to(dist.device),
-                                                      batch["prompt_att_mask"].to(dist.device))
-            if rollout is not None:
-                rollouts.append(rollout)
-            if (i + 1) % args.generation_batches != 0:
-                continue
-            if not rollouts:  # every rollout of this iteration was skipped (on all ranks alike)
-                continue
-            stats = {**trainer.step(rollouts), **timing}
-            step += 1
-            bar.update(1)
-            bar.set_postfix(score=f"{stats['reward/score']:.3f}", kl=f"{stats['objective/kl']:.3f}",
-                            len=f"{stats['gen/response_len']:.1f}")
-            logger.log(step, stats)
-            if args.print_answers and step % args.print_answers_interval == 0:
-                show_answers(trainer, rollouts[-1], step, logger)
-            rollouts = []
-            if args.save_interval and step % args.save_interval == 0:
-                save_checkpoint(args.output_dir, step, {"actor": engine.actor, "critic": engine.critic},
-                                {"step": step, "epoch": epoch, "batch": i + 1, **trainer.state_dict()},
-                                resolved_config(args), keep_last=args.save_total_limit, tensors=engine.ema_state())
-            if args.eval_interval and step % args.eval_interval == 0:
-                evaluate(step, f"at step {step}")
-            if args.enable_test_mode and step >= args.test_stop_step:
-                done = True
-                break
-        state["batch"] = 0
-        if done:
+    step = state["step"] if state else 0
+    bar = progress_bar(len(iterations), "step3 ppo", disable=not is_rank_0() or args.disable_progress_bar)
+    bar.update(iterations.done())
+    for batches in iterations:
+        stats, rollouts = ppo_iteration(trainer, batches, dist.device)
+        bar.update(1)
+        if stats is None:  # every rollout of this iteration was skipped (on all ranks alike)
+            continue
+        step += 1
+        bar.set_postfix(score=f"{stats['reward/score']:.3f}", kl=f"{stats['objective/kl']:.3f}",
+                        len=f"{stats['gen/response_len']:.1f}")
+        logger.log(step, stats)
+        if args.print_answers and step % args.print_answers_interval == 0:
+            show_answers(trainer, rollouts[-1], step, logger)
+        checkpoints.maybe_save(step, {**iterations.state_dict(), **trainer.state_dict()}, tensors=engine.ema_state())
+        if args.eval_interval and step % args.eval_interval == 0:
+            evaluate(step, f"at step {step}")
+        if args.enable_test_mode and step >= args.test_stop_step:
             break
     bar.close()
 
@@ -168,6 +141,19 @@ def main():
     logger.close()
     report_peak_memory()
     export(engine, tokenizer, args)
+
+
+def ppo_iteration(trainer, batches, device):
+    """Generate and score a rollout per prompt batch, then train on them: (stats, rollouts), or (None, [])
+    when every rollout was skipped."""
+    rollouts, timing = [], {}
+    for batch in batches:
+        rollout, timing = trainer.make_experience(batch["prompt"].to(device), batch["prompt_att_mask"].to(device))
+        if rollout is not None:
+            rollouts.append(rollout)
+    if not rollouts:
+        return None, []
+    return {**trainer.step(rollouts), **timing}, rollouts
 
 
 def report_peak_memory():

@@ -121,15 +121,8 @@ def parse_args(argv=None):
                         "overflow. Accepted by DeepSpeed-Chat's command line.")
 
     cli.add_output_args(p)
-    r = p.add_argument_group("checkpoints, evaluation, test mode")
-    r.add_argument("--save_interval", type=int, default=0, help="Resumable checkpoint every N PPO iterations (0 = off).")
-    r.add_argument("--save_total_limit", type=int, default=2, help="Keep this many newest checkpoints. Default 2.")
-    r.add_argument("--resume", action="store_true", help="Continue from OUTPUT_DIR/checkpoints/latest (the default "
-                                                          "whenever one exists, unless --no_auto_resume).")
-    r.add_argument("--no_auto_resume", action="store_true", help="Start from step 0 even if a checkpoint exists.")
-    r.add_argument("--resume_with_changes", action="store_true",
-                   help="Resume a checkpoint written with other flags (learning rate, batch, world size, ...); "
-                        "without it such a resume stops with the list of differences.")
+    cli.add_checkpoint_args(p, "PPO iterations")
+    r = p.add_argument_group("evaluation, test mode")
     r.add_argument("--eval_interval", type=int, default=0, help="Evaluate every N iterations (0: start and end only).")
     r.add_argument("--eval_batches", type=int, default=4, help="Held-out prompt batches per evaluation. Default 4.")
     r.add_argument("--eval_samples", type=int, default=8, help="Answers kept for the before/after table. Default 8.")

@@ -134,6 +134,10 @@ def add_deepspeed_args(parser, prefixes=("",)):
                         "benchmark, for ~20 s of compilation on first use (~7 s once inductor's cache is warm). "
                         "Falls back to eager with a warning where compilation fails. Default off.")
     g.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher.")
+    g.add_argument("--dist_timeout", type=float, default=30,
+                   help="Minutes a collective waits for the other ranks before the run fails (a rank that died, "
+                        "a node that hangs). Raise it when one rank does long work alone (rank 0 tokenizing a "
+                        "large dataset). Default 30 (torch's).")
     import deepspeed
     deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
     return g
@@ -172,6 +176,23 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
     add_only_optimize_lora(parser)
     add_deepspeed_args(parser)
     add_output_args(parser)
+    add_checkpoint_args(parser, "optimizer steps")
+
+
+def add_checkpoint_args(parser, unit: str):
+    """Resumable checkpoints (OUTPUT_DIR/checkpoints, utils/checkpoint.py), the same in every step."""
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save_interval", type=int, default=0,
+                   help=f"Resumable checkpoint (model, optimizer, scheduler, RNG, data position) every N {unit} "
+                        "(0 = off).")
+    g.add_argument("--save_total_limit", type=int, default=2, help="Keep this many newest checkpoints. Default 2.")
+    g.add_argument("--resume", action="store_true", help="Continue from OUTPUT_DIR/checkpoints/latest (the default "
+                                                          "whenever one exists, unless --no_auto_resume).")
+    g.add_argument("--no_auto_resume", action="store_true", help="Start from step 0 even if a checkpoint exists.")
+    g.add_argument("--resume_with_changes", action="store_true",
+                   help="Resume a checkpoint written with other flags (learning rate, batch, ...); without it such "
+                        "a resume stops with the list of differences. A different number of ranks is always refused.")
+    return g
 
 
 def add_nonfinite_args(parser):
@@ -200,6 +221,9 @@ _DOMAINS = {
     "beta": (lambda v: v > 0, "above 0"),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "max_nonfinite_steps": (lambda v: v >= 1, "at least 1"),
+    "save_interval": (lambda v: v >= 0, "at least 0 (0: off)"),
+    "save_total_limit": (lambda v: v >= 0, "at least 0 (0: keep all)"),
+    "dist_timeout": (lambda v: v > 0, "above 0 (minutes)"),
     "learning_rate": (lambda v: v >= 0, "at least 0"),
     "actor_learning_rate": (lambda v: v >= 0, "at least 0"),
     "critic_learning_rate": (lambda v: v >= 0, "at least 0"),

@@ -13,6 +13,12 @@ A checkpoint is written under a temporary name and renamed when every rank has f
 directory synced to disk first), and `latest` is replaced atomically after that, so a run killed at any moment
 resumes from the last complete checkpoint. A `latest` that names a missing directory falls back to the newest
 complete checkpoint, with a warning, instead of a silent restart from step 0.
+
+Several nodes: when OUTPUT_DIR is on a shared filesystem, global rank 0 renames and points `latest`; when each
+node has its own disk, every node keeps a complete copy of what its ranks need (DeepSpeed's node-local storage)
+and its first rank does the renaming (`node_local`).
+
+`RunCheckpoints` is what the steps use: resume at start, save every --save_interval steps.
 """
 import json
 import os
@@ -25,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
-from .utils import atomic_write, barrier, fsync_tree, is_rank_0, print_rank_0, write_json
+from .safe_load import weights_only_checkpoint_loading
+from .utils import atomic_write, barrier, fsync_tree, is_local_rank_0, is_rank_0, print_rank_0, write_json
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
@@ -62,7 +69,7 @@ RESUME_FREE = {"resume", "no_auto_resume", "resume_with_changes", "local_rank", 
                "print_answers", "print_answers_interval", "eval_interval", "eval_batches", "eval_samples",
                "save_interval", "save_total_limit", "enable_tensorboard", "tensorboard_path", "deepspeed",
                "deepspeed_config", "data_output_path", "print_loss", "enable_test_mode", "test_stop_step",
-               "max_nonfinite_steps"}
+               "max_nonfinite_steps", "dist_timeout", "node_local_checkpoints"}
 
 
 def config_changes(saved: dict, current: dict) -> Dict[str, tuple]:
@@ -77,7 +84,13 @@ def check_resume_config(path: str, current: dict, allow_changes: bool):
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         return
-    changes = config_changes(json.load(open(config_file)), json.loads(json.dumps(current, default=str)))
+    saved = json.load(open(config_file))
+    if saved.get("world_size", current.get("world_size")) != current.get("world_size"):
+        # ZeRO's optimizer partitions and each rank's data position belong to one number of ranks
+        raise ConfigError(f"{path} was written by {saved['world_size']} ranks and this run has "
+                          f"{current['world_size']}; resume it with {saved['world_size']} ranks (or start afresh "
+                          f"with --no_auto_resume or another --output_dir)")
+    changes = config_changes(saved, json.loads(json.dumps(current, default=str)))
     if changes and not allow_changes:
         listed = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         raise ConfigError(f"{path} was written with other flags ({listed}); resume with the same flags, or pass "
@@ -110,13 +123,16 @@ def _set_rng_state(plain: dict, tensors: dict):
 
 
 def save_checkpoint(output_dir: str, step: int, engines: Dict[str, object], trainer_state: dict,
-                    run_config: dict, keep_last: int = 2, tensors: Optional[Dict[str, torch.Tensor]] = None) -> str:
+                    run_config: dict, keep_last: int = 2, tensors: Optional[Dict[str, torch.Tensor]] = None,
+                    node_local: bool = False) -> str:
     """Collective: every rank calls it. `tensors`: state beside the engines, the same on every rank (rank 0
-    writes it). Returns the final checkpoint path."""
+    writes it). node_local: OUTPUT_DIR is not shared by the nodes; each node's first rank writes its own copy
+    of the shared files. Returns the final checkpoint path."""
     root = checkpoint_root(output_dir)
     name = f"step_{step}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if is_rank_0():
+    writer = is_local_rank_0() if node_local else is_rank_0()
+    if writer:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
         os.makedirs(tmp)
     barrier()
@@ -127,7 +143,7 @@ def save_checkpoint(output_dir: str, step: int, engines: Dict[str, object], trai
     write_json(os.path.join(tmp, f"rng_rank{rank}.json"), rng_plain)
     save_file(rng_tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     barrier()
-    if is_rank_0():
+    if writer:
         if tensors:
             # (cloned: tied weights share storage, which safetensors will not write twice)
             save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
@@ -157,12 +173,14 @@ def _prune(root: str, keep_last: int, newest: str):
 
 
 def load_checkpoint(path: str, engines: Dict[str, object]) -> dict:
-    """Restore engines and this rank's RNG; returns the trainer state saved with the checkpoint."""
-    for engine_name, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(os.path.join(path, engine_name), tag="state",
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise FileNotFoundError(f"{path}/{engine_name}: no DeepSpeed checkpoint to resume from")
+    """Restore engines and this rank's RNG; returns the trainer state saved with the checkpoint. DeepSpeed's
+    files are read weights-only (safe_load.py): a tampered checkpoint is refused, not unpickled."""
+    with weights_only_checkpoint_loading(*engines.values()):
+        for engine_name, engine in engines.items():
+            load_path, _ = engine.load_checkpoint(os.path.join(path, engine_name), tag="state",
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise FileNotFoundError(f"{path}/{engine_name}: no DeepSpeed checkpoint to resume from")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_json = os.path.join(path, f"rng_rank{rank}.json")
     if os.path.exists(rng_json):  # absent when resuming on a different number of ranks
@@ -174,3 +192,40 @@ def load_checkpoint_tensors(path: str) -> Dict[str, torch.Tensor]:
     """The `tensors` saved with a checkpoint ({} when there were none)."""
     file = os.path.join(path, "tensors.safetensors")
     return load_file(file) if os.path.exists(file) else {}
+
+
+class RunCheckpoints:
+    """A step's resumable checkpoints: `resume()` once at start (collective), then `maybe_save(step, ...)` after
+    each optimizer step (or PPO iteration). engines: {name: DeepSpeed engine}, saved and restored together."""
+
+    def __init__(self, args, engines: Dict[str, object], run_config: dict):
+        self.args, self.engines, self.run_config = args, engines, run_config
+        self.path: Optional[str] = None  # the checkpoint resumed from
+
+    def resume(self) -> Optional[dict]:
+        """Restore the newest complete checkpoint (unless --no_auto_resume) and return its trainer state, or
+        None to start from step 0."""
+        args = self.args
+        if args.no_auto_resume and not args.resume:
+            return None
+        self.path = latest_checkpoint(args.output_dir)
+        if self.path is None:
+            if args.resume:
+                print_rank_0(f"--resume: no checkpoint in {checkpoint_root(args.output_dir)}, starting from step 0")
+            return None
+        check_resume_config(self.path, self.run_config, args.resume_with_changes)
+        state = load_checkpoint(self.path, self.engines)
+        print_rank_0(f"resumed from {self.path}: step {state['step']}")
+        return state
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return load_checkpoint_tensors(self.path) if self.path else {}
+
+    def due(self, step: int) -> bool:
+        return bool(self.args.save_interval) and step % self.args.save_interval == 0
+
+    def maybe_save(self, step: int, trainer_state: dict, tensors: Optional[Dict[str, torch.Tensor]] = None):
+        if self.due(step):
+            save_checkpoint(self.args.output_dir, step, self.engines, {"step": step, **trainer_state},
+                            self.run_config, keep_last=self.args.save_total_limit, tensors=tensors,
+                            node_local=getattr(self.args, "node_local_checkpoints", False))

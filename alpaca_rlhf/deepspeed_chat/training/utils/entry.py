@@ -8,17 +8,25 @@ from typing import Callable
 from alpaca_rlhf import cpu_blas
 
 from .args import check_batch_args
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, init_distributed, shared_by_all_nodes
 from .ds_utils import resolve_dtype
 from .errors import UserError
+from .export_swap import recover_interrupted_swaps
 from .model.elementwise import compile_elementwise
-from .utils import print_rank_0, set_random_seed
+from .utils import barrier, is_rank_0, print_rank_0, set_random_seed
 
 
 def start_run(args) -> DistInfo:
-    """Process group, derived batch sizes (checked right away), precision and seeds."""
-    dist = init_distributed(args.local_rank)
+    """Process group, derived batch sizes (checked right away), precision and seeds; an export that a kill
+    interrupted is finished or undone before anything reads --output_dir."""
+    dist = init_distributed(args.local_rank, args.dist_timeout)
     check_batch_args(args, dist.world_size)
+    if is_rank_0():
+        recover_interrupted_swaps(args.output_dir)
+    barrier()
+    args.node_local_checkpoints = not shared_by_all_nodes(args.output_dir, dist.device)
+    if args.node_local_checkpoints:
+        print_rank_0(f"{args.output_dir} is not shared by the nodes: each keeps its own checkpoints")
     args.dtype = resolve_dtype(args.dtype)
     set_random_seed(args.seed)
     if args.compile_elementwise:
@@ -46,6 +54,8 @@ def run_cli(main: Callable[[], None]):
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif not e.same_on_every_rank:  # maybe raised on this rank alone: say it here
+            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     end_world()
     leave_process(0)

@@ -1,5 +1,6 @@
 """The supervised training loop shared by step 1, step 2 and DPO: they differ only in the loss and the
-evaluation they plug in. Evaluates before training, every --eval_interval steps and after each epoch."""
+evaluation they plug in. Evaluates before training, every --eval_interval steps and after each epoch; saves a
+resumable checkpoint every --save_interval steps and resumes from the newest one."""
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
@@ -7,7 +8,11 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from tqdm import tqdm
 
+from .checkpoint import RunCheckpoints
+from .data.data_utils import skip_batches
+from .entry import resolved_config
 from .errors import NonFiniteError
+from .metrics import MetricsLogger
 from .utils import any_rank, get_all_reduce_mean, is_rank_0, print_rank_0, to_device
 
 LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]
@@ -31,6 +36,12 @@ class NonFiniteGuard:
         self.skipped = 0    # in the whole run (a metric)
         self.in_a_row = 0
 
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict):
+        self.skipped, self.in_a_row = state["skipped"], state["in_a_row"]
+
     def ok(self, value: torch.Tensor, step: int, what: str = "loss") -> bool:
         """True to go on with this micro-batch; False to skip it (on every rank); raises after `limit` in a row."""
         if not any_rank(not bool(torch.isfinite(value.detach()).all()), value.device):  # the same on every rank
@@ -48,12 +59,22 @@ class NonFiniteGuard:
 
 
 def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[], Dict[str, float]], args,
-               logger, desc: str, eval_interval: int = 0) -> List[Dict[str, float]]:
+               desc: str, run_name: str, eval_interval: int = 0) -> List[Dict[str, float]]:
     """Run all epochs (or --max_train_steps optimizer steps); returns the list of evaluation results. A micro-batch
-    whose loss is not finite on some rank is skipped on every rank (no backward, no step: NonFiniteGuard)."""
+    whose loss is not finite on some rank is skipped on every rank (no backward, no step: NonFiniteGuard).
+
+    Resumable: a run restarted with the same --output_dir continues from the newest checkpoint (written every
+    --save_interval optimizer steps, after that step's evaluation) with the same data order, RNG, optimizer and
+    schedule, so it logs the metrics an uninterrupted run would have."""
     device = engine.device
-    history = []
+    checkpoints = RunCheckpoints(args, {"model": engine}, resolved_config(args))
+    state = checkpoints.resume()  # None: from step 0
+    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, run_name,
+                           append=state is not None)
+    history = list(state["history"]) if state else []
     guard = NonFiniteGuard(args.max_nonfinite_steps, desc)
+    if state:
+        guard.load_state_dict(state["nonfinite"])
 
     def run_eval(step: int, when: str):
         engine.eval()
@@ -63,15 +84,23 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
         logger.log(step, result)
         print_rank_0(f"[{desc}] eval {when} (step {step}): {_format(result)}")
 
-    run_eval(0, "before training")
-    total_micro = len(train_loader) * args.num_train_epochs
-    bar = progress_bar(total_micro, desc, disable=not is_rank_0() or args.disable_progress_bar)
-    start, done = time.time(), False
-    for epoch in range(args.num_train_epochs):
+    def reached_limit() -> bool:
+        return bool(args.max_train_steps) and engine.global_steps >= args.max_train_steps
+
+    if state is None:
+        run_eval(0, "before training")
+    first_epoch, first_batch = (state["epoch"], state["batch"]) if state else (0, 0)
+    bar = progress_bar(len(train_loader) * args.num_train_epochs, desc,
+                       disable=not is_rank_0() or args.disable_progress_bar)
+    bar.update(first_epoch * len(train_loader) + first_batch)
+    start = time.time()
+    for epoch in range(first_epoch, args.num_train_epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        skip = first_batch if epoch == first_epoch else 0  # micro-batches trained on before the checkpoint
         engine.train()
-        for batch in train_loader:
+        done = reached_limit()
+        for i, batch in enumerate(skip_batches(train_loader, skip) if not done else [], start=skip):
             loss, metrics = compute_loss(to_device(batch, device))
             if not guard.ok(loss, engine.global_steps):
                 bar.update(1)
@@ -93,12 +122,15 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
                               "train/nonfinite_skipped": guard.skipped, **metrics})
             if eval_interval and step % eval_interval == 0:
                 run_eval(step, f"at step {step}")
-            if args.max_train_steps and step >= args.max_train_steps:
+            checkpoints.maybe_save(step, {"epoch": epoch, "batch": i + 1, "history": history,
+                                          "nonfinite": guard.state_dict()})
+            if reached_limit():
                 done = True
                 break
         run_eval(engine.global_steps, f"after epoch {epoch + 1}")
         if done:
             break
     bar.close()
-    print_rank_0(f"[{desc}] trained {engine.global_steps} optimizer steps in {time.time() - start:.1f}s")
+    logger.close()
+    print_rank_0(f"[{desc}] trained to optimizer step {engine.global_steps} in {time.time() - start:.1f}s")
     return history

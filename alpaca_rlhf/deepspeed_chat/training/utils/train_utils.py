@@ -130,6 +130,8 @@ def train_ds_config(spec: EngineSpec, args, micro_batch_size: int, gradient_accu
         max_out_tokens=getattr(args, "max_prompt_seq_len", 0) + getattr(args, "max_answer_seq_len", 0))
     if generates and getattr(args, "enable_mixed_precision_lora", False):
         config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+    if getattr(args, "node_local_checkpoints", False):  # every node writes (and later reads) all it needs
+        config["checkpoint"] = {"use_node_local_storage": True}
     return config
 
 

@@ -16,6 +16,11 @@ def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def is_local_rank_0() -> bool:
+    """The first rank of this node (machine): the one that writes node-local files such as the data cache."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def print_rank_0(*msg, rank=None):
     if (rank is None and is_rank_0()) or rank == 0:
         print(*msg, flush=True)

@@ -13,8 +13,10 @@ Sequences longer than --max_seq_len keep their LAST tokens: the answer and its E
 read and the SFT loss is taken) survive; the start of a long conversation history is what gets cut.
 """
 import hashlib
+import itertools
 import json
 import os
+import uuid
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..utils import barrier, is_rank_0, print_rank_0
+from ..utils import barrier, is_local_rank_0, is_rank_0, print_rank_0
 from .chat_template import IGNORE_INDEX, ChatFormat, JinjaFormat, format_from_args, load_chat_format
 from .prompt_format import parse_conversation
 from .raw_datasets import Example, get_raw_dataset
@@ -143,7 +145,7 @@ class TokenizedDataset(Dataset):
         arrays = {}
         for name, (flat, offsets) in self.fields.items():
             arrays[f"{name}.flat"], arrays[f"{name}.offsets"] = flat, offsets
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}.npz"  # unique across nodes sharing a filesystem
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
@@ -262,8 +264,9 @@ def build_phase_data(data_path, sft_only_data_path, data_split, phase, seed, fmt
 def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_phase, seed, tokenizer,
                           max_seq_len, sft_only_data_path=(), end_of_conversation_token: Optional[str] = None,
                           chat_format: Optional[ChatFormat] = None, train_on_all_turns: bool = False):
-    """(train, eval) TokenizedDatasets for a phase. Rank 0 builds and caches them; the others wait and load
-    the same files, so every rank trains on identical data. (Signature follows DeepSpeed-Chat's; chat_format
+    """(train, eval) TokenizedDatasets for a phase. The first rank of each node builds and caches them (in a
+    node-local --data_output_path as in a shared one: the build is deterministic and the files are renamed into
+    place whole); the others wait and load the same files, so every rank trains on identical data. (Signature follows DeepSpeed-Chat's; chat_format
     defaults to alpaca with end_of_conversation_token after each answer.)"""
     fmt = chat_format or load_chat_format(None, tokenizer, answer_suffix=end_of_conversation_token or "")
     key = cache_key(data_path, sft_only_data_path if train_phase == 1 else [], data_split, train_phase, seed,
@@ -271,7 +274,7 @@ def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_
     os.makedirs(output_path, exist_ok=True)
     train_file = os.path.join(output_path, f"phase{train_phase}_train_{key}.npz")
     eval_file = os.path.join(output_path, f"phase{train_phase}_eval_{key}.npz")
-    if is_rank_0() and not (os.path.exists(train_file) and os.path.exists(eval_file)):
+    if is_local_rank_0() and not (os.path.exists(train_file) and os.path.exists(eval_file)):
         train, evaluation = build_phase_data(data_path, sft_only_data_path, data_split, train_phase, seed,
                                              fmt, max_seq_len, train_on_all_turns)
         evaluation.save(eval_file)
@@ -346,6 +349,34 @@ def make_dataloader(dataset: Dataset, collator, batch_size: int, shuffle: bool, 
         if torch.distributed.is_initialized() else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=drop_last,
                       shuffle=shuffle if sampler is None else False, generator=torch.Generator().manual_seed(seed))
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    """The indices of `sampler` after the first `n` (its set_epoch passed through)."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.n, None)
+
+    def __len__(self):
+        return max(len(self.sampler) - self.n, 0)
+
+    def set_epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+
+
+def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
+    """The rest of `loader`'s epoch after its first `batches` batches, in the same order, without loading the
+    skipped ones (a resumed run continues where the checkpoint was written). Call set_epoch on `loader` first."""
+    if batches == 0:
+        return loader
+    # (the loader's own generator: an iteration started without one draws from the global RNG, which a resumed
+    # run has just restored from the checkpoint, and sampling would differ from the uninterrupted run)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+                      collate_fn=loader.collate_fn, drop_last=loader.drop_last, generator=loader.generator)
 
 
 def supervised_loaders(args, tokenizer, phase: int, collator):

@@ -1,10 +1,7 @@
 """Loading tokenizers and models, and exporting trained models in Hugging Face format (safetensors)."""
 import copy
-import glob
 import math
 import os
-import shutil
-import uuid
 from typing import Optional
 
 import torch
@@ -14,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import UserError
 from ..module.lora import merge_lora_state_dict
-from ..utils import is_rank_0, move_dir_contents, write_json
+from ..export_swap import new_export_dir, swap_into_place
+from ..utils import is_rank_0, write_json
 from .decoder import LEAN_CAUSAL_LM
 from .peft_export import adapter_reproduces, peft_adapter_files, write_peft_adapter
 
@@ -160,7 +158,6 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-EXPORT_TMP_PREFIX = ".tmp-export-"  # an export being written; one left by a killed run is removed by the next
 
 
 def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_config: Optional[dict] = None,
@@ -172,9 +169,9 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
     are also written unmerged in peft's layout to `output_dir/adapter` (peft_export.py): a subdirectory, since
     transformers applies an adapter_config.json it finds next to the weights on top of them.
 
-    Everything is written into a temporary directory first and moved into `output_dir` file by file when
-    complete, so an interrupted export never leaves a half-written weight file behind. Collective under
-    ZeRO-3: call it on every rank.
+    Everything is written into a temporary directory beside `output_dir` and swapped into place with renames
+    when complete (export_swap.py): a killed export leaves the previous directory or the new one, never a mix.
+    Collective under ZeRO-3: call it on every rank.
     """
     module = unwrap(model)
     state = gather_state_dict(module, zero_stage)
@@ -193,11 +190,7 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
     if floats:
         config = copy.copy(config)
         config.dtype = floats[0]
-    os.makedirs(output_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(output_dir), f"{EXPORT_TMP_PREFIX}*")):  # a killed export's
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = os.path.join(output_dir, f"{EXPORT_TMP_PREFIX}{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = new_export_dir(output_dir)
     config.save_pretrained(tmp)
     if getattr(module, "generation_config", None) is not None and not hasattr(module, "hf_export"):
         module.generation_config.save_pretrained(tmp)
@@ -211,17 +204,7 @@ def save_hf_format(model, tokenizer, output_dir: str, zero_stage: int = 0, run_c
         write_json(os.path.join(tmp, "training_args.json"), run_config)
     for name, content in (extra_files or {}).items():
         write_json(os.path.join(tmp, name), content)
-    _remove_stale_weights(output_dir, keep=set(os.listdir(tmp)))
-    move_dir_contents(tmp, output_dir)
-
-
-def _remove_stale_weights(output_dir: str, keep: set):
-    """Weight files of an earlier export that the new one does not overwrite (a different shard count)
-    would confuse from_pretrained; other files in the directory are left alone."""
-    for name in os.listdir(output_dir):
-        is_weight = name.endswith((".safetensors", ".bin")) or name.endswith(".index.json")
-        if is_weight and name not in keep:
-            os.remove(os.path.join(output_dir, name))
+    swap_into_place(tmp, output_dir)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False) -> torch.Tensor:
