@@ -52,18 +52,32 @@ sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step3_rlhf_
   --actor_learning_rate 1e-3 --critic_learning_rate 1e-3 --kl_coef 0.1 --num_warmup_steps 5 \
   --actor_lora_dim 8 --actor_lora_module_name layers. --critic_lora_dim 8 --critic_lora_module_name q_proj,k_proj \
   --only_optimize_lora --eval_interval 10 --save_interval 20 --no_auto_resume --output_dir "$DEMO_DIR/final" --deepspeed \
+  --eval_reward_function alpaca_rlhf.tools.demo_task:reward \
+  --enable_tensorboard
+
+stage "4b step 3 without a critic: GRPO on the demo's verifiable reward (its grader), LoRA, from the SFT actor"
+sh run.sh --num_gpus "$NUM_GPUS" alpaca_rlhf/deepspeed_chat/training/step3_rlhf_finetuning/main.py \
+  --data_path data/demo/Dahoas/rm-static --data_output_path "$DEMO_DIR/data" --data_split 0,8,2 \
+  --actor_model_name_or_path "$DEMO_DIR/actor" --actor_zero_stage 2 \
+  --advantage_estimator group_norm --n_samples_per_prompt 4 --reward_model_type function \
+  --reward_function alpaca_rlhf.tools.demo_task:reward --eval_reward_function alpaca_rlhf.tools.demo_task:reward \
+  --kl_coef 0 --kl_loss_coef 0.04 --per_device_generation_batch_size 4 --per_device_training_batch_size 16 \
+  --max_prompt_seq_len 96 --max_answer_seq_len 32 --max_train_samples 512 \
+  --actor_learning_rate 1e-3 --num_warmup_steps 5 --actor_lora_dim 8 --actor_lora_module_name layers. \
+  --only_optimize_lora --eval_interval 16 --no_auto_resume --output_dir "$DEMO_DIR/grpo" --deepspeed \
   --enable_tensorboard
 
 stage "evaluation on held-out demo prompts (greedy, then sampled as PPO generates)"
-"$PY" -m alpaca_rlhf.tools.evaluate_demo --model "$DEMO_DIR/actor" --model "$DEMO_DIR/dpo" --model "$DEMO_DIR/final/actor" \
+set -- --model "$DEMO_DIR/actor" --model "$DEMO_DIR/dpo" --model "$DEMO_DIR/final/actor" --model "$DEMO_DIR/grpo/actor"
+"$PY" -m alpaca_rlhf.tools.evaluate_demo "$@" \
   --reward_model "$DEMO_DIR/critic" --reference_model "$DEMO_DIR/actor" --num_prompts 300 \
   --output_json "$DEMO_DIR/evaluation.json"
-"$PY" -m alpaca_rlhf.tools.evaluate_demo --model "$DEMO_DIR/actor" --model "$DEMO_DIR/dpo" --model "$DEMO_DIR/final/actor" \
-  --num_prompts 300 --do_sample --output_json "$DEMO_DIR/evaluation_sampled.json"
+"$PY" -m alpaca_rlhf.tools.evaluate_demo "$@" --num_prompts 300 --do_sample \
+  --output_json "$DEMO_DIR/evaluation_sampled.json"
 
 stage "report"
 "$PY" -m alpaca_rlhf.tools.demo_report --demo_dir "$DEMO_DIR" --total_seconds "$(( $(date +%s) - START ))"
 
-stage "done in $(( $(date +%s) - START ))s: report in $DEMO_DIR/report.md, models in $DEMO_DIR/{actor,critic,dpo,final/actor}"
+stage "done in $(( $(date +%s) - START ))s: report in $DEMO_DIR/report.md, models in $DEMO_DIR/{actor,critic,dpo,final/actor,grpo/actor}"
 echo "chat with the result:"
 echo "  sh run_inference.sh 0 alpaca_rlhf/inference/llama_chatbot_gradio.py --path $DEMO_DIR/actor --path $DEMO_DIR/final/actor"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, cut_at_eos,
-    explained_variance, kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, compute_gae, compute_rewards,
+    critic_free_advantages, cumulative_returns, cut_at_eos, explained_variance, group_shaped_scores, kl_penalty,
+    masked_whiten, normalize_score, ppo_policy_loss)
 
 MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
 
@@ -154,3 +155,68 @@ def test_normalize_score_uses_reward_stats_then_penalty_then_clip(tmp_path):
     assert normalize_score(raw, ended, stats, clip=5.0).tolist() == [0.0, 2.0, 5.0, -4.0]
     assert normalize_score(raw, ended, stats, clip=5.0, no_eos_penalty=2.0).tolist() == [0.0, 2.0, 5.0, -5.0]
     assert normalize_score(raw, ended, None, clip=100.0).tolist() == raw.tolist()
+
+
+# ----------------------------------------------------------------------------- critic-free estimators
+
+def test_group_shaped_scores_hand_computed():
+    score = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 6.0])  # two prompts, K = 4
+    # group 1: mean 0.5, unbiased std sqrt(1/3); group 2: mean 3, std 2
+    assert torch.equal(group_shaped_scores(score, 4, "reinforce"), score)
+    torch.testing.assert_close(group_shaped_scores(score, 4, "reinforce_baseline"),
+                               torch.tensor([0.5, -0.5, -0.5, 0.5, -1.0, -1.0, -1.0, 3.0]))
+    torch.testing.assert_close(group_shaped_scores(score, 4, "dr_grpo"),
+                               group_shaped_scores(score, 4, "reinforce_baseline"))
+    s3 = 3 ** 0.5
+    torch.testing.assert_close(group_shaped_scores(score, 4, "group_norm"),
+                               torch.tensor([0.5 * s3, -0.5 * s3, -0.5 * s3, 0.5 * s3, -0.5, -0.5, -0.5, 1.5]))
+    # leave-one-out: 1 - (0+0+1)/3, 0 - (1+0+1)/3, ...; 2 - (2+2+6)/3, 6 - (2+2+2)/3
+    torch.testing.assert_close(group_shaped_scores(score, 4, "rloo"),
+                               torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, -4 / 3, -4 / 3, -4 / 3, 4.0]))
+    with pytest.raises(ValueError, match="rloo needs at least 2"):
+        group_shaped_scores(score, 1, "rloo")
+    assert torch.equal(group_shaped_scores(torch.tensor([3.0, 3.0]), 2, "group_norm"), torch.zeros(2))  # no NaN
+
+
+def test_rloo_equals_a_plain_leave_one_out_loop():
+    score = torch.randn(12)
+    expected = []
+    for g in range(3):
+        group = score[4 * g:4 * g + 4].tolist()
+        for i, r in enumerate(group):
+            expected.append(r - sum(x for j, x in enumerate(group) if j != i) / 3)
+    torch.testing.assert_close(group_shaped_scores(score, 4, "rloo"), torch.tensor(expected))
+
+
+def test_cumulative_returns_equal_a_plain_loop():
+    rewards, mask = torch.randn(3, 5), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    for gamma in (1.0, 0.9):
+        got = cumulative_returns(rewards, mask, gamma)
+        for b in range(3):
+            n = int(mask[b].sum())
+            for t in range(5):
+                expected = sum(gamma ** (k - t) * rewards[b, k].item() for k in range(t, n)) if t < n else 0.0
+                assert got[b, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_critic_free_advantages_put_the_shaped_score_and_the_kl_into_returns():
+    score = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv, ret = critic_free_advantages(score, kl, mask, kl_coef=1.0, group_size=2, estimator="dr_grpo")
+    # shaped scores +0.5 / -0.5 at the last action; rewards -kl elsewhere; returns = suffix sums
+    torch.testing.assert_close(ret, torch.tensor([[0.5 - 0.6, 0.5 - 0.5, 0.5 - 0.3], [-0.5 - 0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(adv, ret)  # GRPO-style estimators use the returns as they are
+    adv, ret = critic_free_advantages(score, kl, mask, kl_coef=1.0, group_size=1, estimator="reinforce")
+    torch.testing.assert_close(adv, masked_whiten(ret, mask))  # REINFORCE++ whitens over the batch
+
+
+def test_aggregate_loss_modes_hand_computed():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate_loss(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(per_token, mask, "seq_mean_token_sum_norm").item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert aggregate_loss(per_token, mask, "seq_mean_token_sum_norm", max_len=8).item() == pytest.approx((6 + 4) / 16)
+    with pytest.raises(ValueError, match="--loss_agg"):
+        aggregate_loss(per_token, mask, "sum")

@@ -72,3 +72,23 @@ def test_fp16_is_refused_on_the_cpu_with_one_line():
     assert resolve_dtype("bf16") == "bf16" and resolve_dtype("auto") == "fp32"
     with pytest.raises(UserError, match="--dtype fp16 needs a GPU"):
         resolve_torch_dtype("fp16", "cpu")
+
+
+def test_critic_free_estimators_need_groups_and_no_critic():
+    no_critic = ["--actor_model_name_or_path", "a", "--output_dir", "o"]
+    args = step3_args.parse_args(no_critic + ["--advantage_estimator", "group_norm", "--n_samples_per_prompt", "4",
+                                              "--reward_model_type", "function", "--reward_function", "f.py:r",
+                                              "--per_device_generation_batch_size", "4",
+                                              "--per_device_training_batch_size", "8"])
+    assert args.critic_model_name_or_path is None and args.loss_agg == "token_mean"
+    assert step3_args.optimizer_steps(args, 10) == 20  # 16 answers per rollout, mini-batches of 8
+    dr = step3_args.parse_args(BASE + ["--advantage_estimator", "dr_grpo", "--n_samples_per_prompt", "2"])
+    assert dr.loss_agg == "seq_mean_token_sum_norm"  # Dr. GRPO's length normalisation by default
+    with pytest.raises(ConfigError, match="trains a critic: give --critic_model_name_or_path"):
+        step3_args.parse_args(no_critic)
+    assert "needs --n_samples_per_prompt of at least 2, got 1" in refusal("--advantage_estimator", "rloo")
+    assert "needs --reward_function" in refusal("--advantage_estimator", "reinforce", "--reward_model_type",
+                                                "function")
+    assert "must divide the answers of a rollout" in refusal(
+        "--n_samples_per_prompt", "3", "--per_device_generation_batch_size", "2",
+        "--per_device_training_batch_size", "4")

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-STAGES = [("SFT", "actor"), ("DPO", "dpo"), ("PPO", os.path.join("final", "actor"))]
+STAGES = [("SFT", "actor"), ("DPO", "dpo"), ("PPO", os.path.join("final", "actor")),
+          ("GRPO", os.path.join("grpo", "actor"))]
 CURVES = {  # plot file -> (stage directory, [(metric, label)])
     "step1_loss.png": ("actor", [("loss/train", "train loss"), ("eval/loss", "eval loss")]),
     "step2_loss.png": ("critic", [("loss/train", "train loss"), ("eval/accuracy", "eval accuracy")]),
@@ -20,6 +21,8 @@ CURVES = {  # plot file -> (stage directory, [(metric, label)])
     "step3_ground_truth.png": ("final", [("reward/ground_truth", "ground truth of the sampled answers"),
                                          ("eval/ground_truth", "ground truth, held-out greedy")]),
     "step3_kl.png": ("final", [("objective/kl", "KL to reference per answer")]),
+    "grpo_ground_truth.png": ("grpo", [("reward/ground_truth", "ground truth of the sampled answers (the reward)"),
+                                       ("eval/ground_truth", "ground truth, held-out greedy")]),
     "step3_response_len.png": ("final", [("gen/response_len", "mean answer tokens"),
                                          ("gen/response_len_min", "shortest answer")]),
 }
@@ -65,7 +68,7 @@ def plot_curves(demo_dir: str) -> List[str]:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
         for label, steps, values in lines:
             ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
-        ax.set_xlabel("optimizer step" if stage != "final" else "PPO iteration")
+        ax.set_xlabel("optimizer step" if stage not in ("final", "grpo") else "iteration")
         ax.set_title(name[:-4].replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend()

@@ -481,6 +481,18 @@ def score_answer(prompt: str, answer: str) -> float:
     return grade(prompt, answer).score
 
 
+def reward(prompts: Sequence[str], answers: Sequence[str], **columns) -> List[float]:
+    """The demo's grader as a step-3 reward function (`--reward_function alpaca_rlhf.tools.demo_task:reward`):
+    one score in [0, 1] per answer; a prompt from outside the demo world scores 0."""
+    scores = []
+    for prompt, answer in zip(prompts, answers):
+        try:
+            scores.append(score_answer(prompt, answer))
+        except ValueError:
+            scores.append(0.0)
+    return scores
+
+
 def reference_answer(prompt: str) -> str:
     """The correct, polite answer text for a demo prompt (no leading space)."""
     return parse_prompt(prompt).reference

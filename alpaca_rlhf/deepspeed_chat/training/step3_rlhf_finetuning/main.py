@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Step 3: PPO of the step-1 actor against the step-2 reward model.
+"""Step 3: PPO of the step-1 actor against the step-2 reward model, or critic-free RL (GRPO, RLOO,
+REINFORCE++: --advantage_estimator) against a reward model, a classifier or a reward function.
 
     sh run.sh --num_gpus 2 alpaca_rlhf/deepspeed_chat/training/step3_rlhf_finetuning/main.py \\
         --actor_model_name_or_path output/actor --critic_model_name_or_path output/critic \\
@@ -8,7 +9,8 @@
 Each iteration collects --generation_batches rollouts of --per_device_generation_batch_size prompts per rank
 and trains on them for --ppo_epochs (ppo_trainer.py numbers the steps). --save_interval writes resumable
 checkpoints; a run restarted with the same --output_dir (or --resume) continues from the newest one.
-The exports are HF-format directories: OUTPUT_DIR/actor (chat-ready), OUTPUT_DIR/critic, OUTPUT_DIR/actor_ema.
+The exports are HF-format directories: OUTPUT_DIR/actor (chat-ready), OUTPUT_DIR/critic (PPO only),
+OUTPUT_DIR/actor_ema.
 """
 import json
 import os
@@ -23,6 +25,7 @@ import torch  # noqa: E402
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning import step3_args
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.iterations import PromptIterations
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_trainer import PPOTrainer
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.reward_function import RewardFunction
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
 from alpaca_rlhf.deepspeed_chat.training.utils.checkpoint import RunCheckpoints
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import (DataCollatorRLHF, DataCollatorSFT,
@@ -35,20 +38,6 @@ from alpaca_rlhf.deepspeed_chat.training.utils.loop import progress_bar
 from alpaca_rlhf.deepspeed_chat.training.utils.metrics import MetricsLogger
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import save_hf_format, tokenizer_from_args
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import is_rank_0, print_rank_0, write_json
-
-
-def ground_truth_scorer(data_path):
-    """The demo task's own grader when training on the embedded demo data (None for real data)."""
-    if not any("demo" in p for p in data_path):
-        return None
-    from alpaca_rlhf.tools.demo_task import score_answer
-
-    def score(prompt, answer):
-        try:
-            return score_answer(prompt, answer)
-        except ValueError:  # a prompt from outside the demo world
-            return 0.0
-    return score
 
 
 def cycle(loader):  # (the PTX batches: their position is part of the trainer's state)
@@ -88,10 +77,12 @@ def main():
                           f"(world size {args.world_size} x --per_device_generation_batch_size "
                           f"{args.per_device_generation_batch_size} x --generation_batches {args.generation_batches})")
     engine = DeepSpeedRLHFEngine(args, tokenizer, step3_args.optimizer_steps(args, iterations.per_epoch))
-    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth_scorer(args.data_path),
+    ground_truth = (RewardFunction(args.eval_reward_function, "--eval_reward_function")
+                    if args.eval_reward_function else None)
+    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth,
                          stop_token_id=chat_format.stop_token_id)
 
-    checkpoints = RunCheckpoints(args, {"actor": engine.actor, "critic": engine.critic}, resolved_config(args))
+    checkpoints = RunCheckpoints(args, engine.engines, resolved_config(args))
     state = checkpoints.resume()  # None: from step 0
     if state:
         trainer.load_state_dict(state)
@@ -194,11 +185,12 @@ def export(engine, tokenizer, args):
     config = resolved_config(args)
     save_hf_format(engine.actor, tokenizer, os.path.join(args.output_dir, "actor"), engine.actor_spec.zero_stage, config,
                    base_model_name_or_path=args.actor_model_name_or_path)
-    save_hf_format(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"), engine.critic_spec.zero_stage,
-                   config, base_model_name_or_path=args.critic_model_name_or_path)
+    if engine.critic is not None:
+        save_hf_format(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"), engine.critic_spec.zero_stage,
+                       config, base_model_name_or_path=args.critic_model_name_or_path)
     if engine.ema is not None:
         save_hf_format(engine.ema, tokenizer, os.path.join(args.output_dir, "actor_ema"), 0, config)
-    print_rank_0(f"done: actor in {args.output_dir}/actor, critic in {args.output_dir}/critic")
+    print_rank_0(f"done: {', '.join(f'{name} in {args.output_dir}/{name}' for name in engine.engines)}")
 
 
 if __name__ == "__main__":

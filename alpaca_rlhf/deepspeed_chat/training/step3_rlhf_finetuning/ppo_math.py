@@ -93,14 +93,86 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
-    """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
+# ----------------------------------------------------------------------------- critic-free estimators
+# Scores of K answers to the same prompt sit next to each other: rows [p0 a0, p0 a1, ..., p0 aK-1, p1 a0, ...].
+CRITIC_FREE = ("reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo")
+
+
+def group_shaped_scores(score: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """The sequence score each critic-free estimator puts at an answer's last token. score (B,) with B a
+    multiple of group_size K, groups contiguous -> (B,).
+      reinforce            r                                   (REINFORCE++: no baseline)
+      rloo                 r_i - mean_{j != i} r_j             (leave-one-out baseline; K >= 2)
+      reinforce_baseline   r_i - mean_group r                  (REINFORCE++-baseline)
+      dr_grpo              r_i - mean_group r                  (Dr. GRPO: no division by the std)
+      group_norm           (r_i - mean_group r) / (std_group r + 1e-8)   (GRPO, unbiased std)"""
+    if estimator == "reinforce":
+        return score
+    groups = score.view(-1, group_size)                                     # (B / K, K)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 answers per prompt (--n_samples_per_prompt)")
+        baseline = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - baseline).reshape(-1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if estimator in ("reinforce_baseline", "dr_grpo"):
+        return centred.reshape(-1)
+    if estimator == "group_norm":
+        std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+        return (centred / (std + 1e-8)).reshape(-1)
+    raise ValueError(f"unknown critic-free estimator {estimator!r} (one of {', '.join(CRITIC_FREE)})")
+
+
+def cumulative_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over answer positions, zero after the EOS. (B, A) -> (B, A)"""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def critic_free_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                           group_size: int, estimator: str, gamma: float = 1.0):
+    """Advantages without a critic (OpenRLHF's --advantage_estimator): the shaped score at the last action and
+    -kl_coef * KL at every action, summed to token-level returns; REINFORCE++ and REINFORCE++-baseline whiten
+    them over the batch. Returns (advantages, returns), (B, A)."""
+    rewards = compute_rewards(group_shaped_scores(score, group_size, estimator), kl, mask, kl_coef)
+    returns = cumulative_returns(rewards, mask, gamma)
+    advantages = masked_whiten(returns, mask) if estimator in ("reinforce", "reinforce_baseline") else returns
+    return advantages, returns
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+                   max_len: Optional[int] = None) -> torch.Tensor:
+    """One loss from per-token terms (B, A):
+      token_mean               mean over every answer token of the batch (long answers weigh more)
+      seq_mean_token_mean      mean over each answer's tokens, then over answers (GRPO's paper)
+      seq_mean_token_sum_norm  each answer's sum divided by a constant, max_len (default A), then the mean over
+                               answers (Dr. GRPO: no length bias)"""
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    per_seq_sum = (per_token * mask).sum(-1)
+    if mode == "seq_mean_token_mean":
+        return (per_seq_sum / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "seq_mean_token_sum_norm":
+        return (per_seq_sum / float(max_len or per_token.size(1))).mean()
+    raise ValueError(f"--loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {mode!r}")
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2, loss_agg: str = "token_mean"):
+    """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise, aggregated by `loss_agg`.
     Returns (loss, clip fraction, approximate KL(old || new) = 0.5 * E[(log ratio)^2])."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg)
     clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
     approxkl = 0.5 * masked_mean(log_ratio ** 2, mask)
     return loss, clipfrac.detach(), approxkl.detach()

@@ -8,6 +8,10 @@
     6. GAE           advantages and returns from the critic's values (gamma, lambda)
     7. update        --ppo_epochs over mini-batches: clipped policy loss (+ PTX), clipped value loss
 
+Without a critic (--advantage_estimator other than gae) step 1 samples --n_samples_per_prompt answers per prompt,
+steps 5-6 become the estimator's shaping of each group's scores and token-level returns
+(ppo_math.critic_free_advantages), and step 7 has no value loss (optionally a KL loss term, --kl_loss_coef).
+
 With one PPO epoch and one mini-batch per iteration (and no dropout), pi_old and V_old are exactly what the
 first training forward computes, since no optimizer step happens between generation and that forward. Then the
 actor and critic experience passes are skipped and steps 4-6 run inside the update on the detached outputs of
@@ -40,8 +44,9 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_l
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import any_rank, get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, clipped_value_loss, compute_gae, compute_rewards, cut_at_eos,
-    explained_variance, kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, compute_gae, compute_rewards,
+    critic_free_advantages, cut_at_eos, explained_variance, kl_penalty, masked_whiten, normalize_score,
+    ppo_policy_loss)
 
 
 @dataclass
@@ -76,7 +81,7 @@ class Rollout:
 
 class PPOTrainer:
     def __init__(self, engine, args, reward_stats: Optional[dict] = None, ptx_batches=None,
-                 ground_truth: Optional[Callable[[str, str], float]] = None, stop_token_id: Optional[int] = None):
+                 ground_truth: Optional[Callable] = None, stop_token_id: Optional[int] = None):
         self.engine, self.args = engine, args
         self.actor, self.critic = engine.actor, engine.critic
         self.tokenizer = engine.tokenizer
@@ -89,7 +94,9 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
                        else FixedKLController(args.kl_coef))
         self.ptx_batches = ptx_batches    # iterator of SFT batches for PTX mixing, or None
-        self.ground_truth = ground_truth  # (prompt, answer) -> score, for tasks with a known answer (the demo)
+        # (prompts, answers) -> scores (B,), logged and never trained on (--eval_reward_function; the demo's grader)
+        self.ground_truth = ground_truth
+        self.group_size = args.n_samples_per_prompt  # answers per prompt, side by side in a rollout
         self.nonfinite_skipped = 0   # rollouts skipped for non-finite logits
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, "step3 ppo")  # updates skipped for non-finite losses
         self.ptx_consumed = 0        # PTX batches used so far
@@ -177,6 +184,9 @@ class PPOTrainer:
         (Rollout, timings) or (None, timings) when the batch was skipped because the policy produced non-finite
         logits on some rank."""
         P = prompt_mask.size(1)
+        if self.group_size > 1:  # K answers per prompt, next to each other (one group never leaves this rank)
+            prompts = prompts.repeat_interleave(self.group_size, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
         t0 = time.time()
         seq, nonfinite, recording = self.generate(prompts, prompt_mask,                       # 1. generate
                                                   record=self.replay_actor_forward)
@@ -195,22 +205,36 @@ class PPOTrainer:
         seq, attention_mask, action_mask, ended = self.cut_at_eos(seq, prompt_mask)           # 2. cut at EOS
         t1 = time.time()
         raw_score = self.engine.reward_scores(seq, attention_mask, P)                         # 3. score
+        if any_rank(not bool(torch.isfinite(raw_score).all()), self.device):  # a reward function's NaN, say
+            self.nonfinite_skipped += 1
+            print_rank_0(f"warning: non-finite rewards; batch skipped on every rank ({self.nonfinite_skipped} so far)")
+            return None, {"time/generate": t_gen}
         score = self.normalize_score(raw_score, ended)
         with self.engine.reference_context():
             ref_logprobs = answer_log_probs(self.engine.reference_model, seq, attention_mask, P)
         rollout = Rollout(seq, attention_mask, action_mask, ref_logprobs, score, raw_score, ended, P, recording)
         if not self.reuse_first_forward:  # pi_old and V_old now; otherwise the update's first forward gives them
-            self.critic.eval()
             logprobs = answer_log_probs(self.actor.module, seq, attention_mask, P)
-            values = self._values(self.critic.module, seq, attention_mask, P)
+            values = None
+            if self.critic is not None:
+                self.critic.eval()
+                values = self._values(self.critic.module, seq, attention_mask, P)
             self.advantages(rollout, logprobs, values)
         return rollout, {"time/generate": t_gen, "time/score": time.time() - t1}
 
-    def advantages(self, r: Rollout, logprobs: torch.Tensor, values: torch.Tensor) -> None:
-        """Steps 4-6 from pi_old log-probs and V_old values (B, A), stored in the rollout."""
+    def advantages(self, r: Rollout, logprobs: torch.Tensor, values: Optional[torch.Tensor]) -> None:
+        """Steps 4-6 from pi_old log-probs and V_old values (B, A), stored in the rollout. Without a critic
+        (values None) the critic-free estimator replaces steps 5-6: the score shaped within each group of
+        answers to one prompt, the KL at every token, summed to returns (ppo_math.critic_free_advantages)."""
         a = self.args
-        values = values * r.action_mask                                                       # zero after EOS
         kl = kl_penalty(logprobs, r.ref_logprobs, a.kl_estimator)                             # 4. KL reward
+        if values is None:
+            advantages, returns = critic_free_advantages(r.score, kl, r.action_mask, self.kl_ctl.value,
+                                                         self.group_size, a.advantage_estimator, a.gamma)
+            r.fill(logprobs=logprobs, values=torch.zeros_like(returns), rewards=None, advantages=advantages,
+                   returns=returns)
+            return
+        values = values * r.action_mask                                                       # zero after EOS
         rewards = compute_rewards(r.score, kl, r.action_mask, self.kl_ctl.value)
         if a.whiten_rewards:                                                                   # 5. whiten
             rewards = masked_whiten(rewards, r.action_mask, shift_mean=False)
@@ -232,16 +256,27 @@ class PPOTrainer:
         a, P = self.args, mb.prompt_length
         mask = mb.action_mask
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         recording, mb.recording = mb.recording, None  # used once: afterwards its buffers belong to the graph
         logprobs = answer_log_probs(self.actor, mb.seq, mb.attention_mask, P, replay=recording)
         values = None
         if mb.logprobs is None:  # reused first forward: pi_old = this policy, V_old = this critic (detached)
-            values = self._values(self.critic, mb.seq, mb.attention_mask, P)
-            self.advantages(mb, logprobs.detach(), values.detach())
-        advantages = masked_whiten(mb.advantages, mask) if a.whiten_advantages else mb.advantages
-        policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.cliprange)
+            if self.critic is not None:
+                values = self._values(self.critic, mb.seq, mb.attention_mask, P)
+            self.advantages(mb, logprobs.detach(), None if values is None else values.detach())
+        # GAE's advantages are whitened per mini-batch (--whiten_advantages); the critic-free estimators' are
+        # used as their estimator defines them
+        gae = self.critic is not None
+        advantages = masked_whiten(mb.advantages, mask) if gae and a.whiten_advantages else mb.advantages
+        policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.cliprange,
+                                                          a.loss_agg)
         actor_loss = policy_loss
+        kl_loss = None
+        if a.kl_loss_coef > 0:  # GRPO's KL term in the loss (instead of, or besides, the KL in the reward)
+            kl_loss = aggregate_loss(kl_penalty(logprobs, mb.ref_logprobs, a.kl_loss_estimator), mask, a.loss_agg,
+                                     a.max_answer_seq_len)
+            actor_loss = actor_loss + a.kl_loss_coef * kl_loss
         ptx = None
         if self.ptx_batches is not None and a.unsup_coef > 0:
             ptx = self._ptx_loss()
@@ -255,6 +290,14 @@ class PPOTrainer:
         self.actor.step()
         if self.actor.global_steps != steps_before:  # an optimizer step happened (accumulation boundary)
             self.engine.update_ema(a.ema_decay)
+        stats = {"loss/policy": policy_loss.item(), "train/nonfinite_skipped": float(self.guard.skipped),
+                 "policy/clipfrac": clipfrac.item(), "policy/approxkl": approxkl.item()}
+        if kl_loss is not None:
+            stats["loss/kl"] = kl_loss.item()
+        if ptx is not None:
+            stats["loss/ptx"] = ptx.item()
+        if self.critic is None:
+            return stats
 
         if values is None:
             values = self._values(self.critic, mb.seq, mb.attention_mask, P)
@@ -263,13 +306,7 @@ class PPOTrainer:
             return {"train/nonfinite_skipped": float(self.guard.skipped)}
         self.critic.backward(value_loss)
         self.critic.step()
-        stats = {"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
-                 "train/nonfinite_skipped": float(self.guard.skipped),
-                 "policy/clipfrac": clipfrac.item(), "policy/approxkl": approxkl.item(),
-                 "val/clipfrac": vclipfrac.item()}
-        if ptx is not None:
-            stats["loss/ptx"] = ptx.item()
-        return stats
+        return {**stats, "loss/value": value_loss.item(), "val/clipfrac": vclipfrac.item()}
 
     def decode(self, seq: torch.Tensor, P: int):
         """(prompt texts, answer texts) of sequences (B, L) whose answers start at column P."""
@@ -281,16 +318,16 @@ class PPOTrainer:
         mask = r.action_mask
         extra = {}
         if self.ground_truth is not None:  # the sampled answers' true quality, next to the reward model's opinion
-            prompts, answers = self.decode(r.seq, r.prompt_length)
-            extra["reward/ground_truth"] = sum(map(self.ground_truth, prompts, answers)) / len(answers)
+            extra["reward/ground_truth"] = self.ground_truth(*self.decode(r.seq, r.prompt_length)).mean().item()
+        if self.critic is not None:
+            extra["val/explained_variance"] = explained_variance(r.values, r.returns, mask).item()
+            extra["val/mean"] = masked_mean(r.values, mask).item()
         lengths = mask.sum(-1) - r.ended.float()                      # answer tokens without the EOS
         kl_per_seq = (kl_penalty(r.logprobs, r.ref_logprobs, self.args.kl_estimator) * mask).sum(-1)
         return {
             "reward/score": r.score.mean().item(), "reward/score_raw": r.raw_score.mean().item(),
             "objective/kl": kl_per_seq.mean().item(), "objective/kl_coef": self.kl_ctl.value,
             "objective/entropy": masked_mean(-r.logprobs, mask).item(),  # sampled-token estimate, per token
-            "val/explained_variance": explained_variance(r.values, r.returns, mask).item(),
-            "val/mean": masked_mean(r.values, mask).item(),
             "gen/response_len": lengths.mean().item(), "gen/response_len_min": lengths.min().item(),
             "gen/empty_frac": (lengths == 0).float().mean().item(),
             "gen/no_eos_frac": (~r.ended).float().mean().item(), **extra,
@@ -345,7 +382,7 @@ class PPOTrainer:
                           "response_len": lengths.sum().item(), "empty_frac": (lengths == 0).sum().item(),
                           "no_eos_frac": (~ended).sum().item(), "count": float(len(answers))}
             if self.ground_truth is not None:
-                batch_sums["ground_truth"] = float(sum(map(self.ground_truth, prompt_texts, answers)))
+                batch_sums["ground_truth"] = self.ground_truth(prompt_texts, answers).sum().item()
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
             samples.extend(zip(prompt_texts, answers, raw.tolist()))
@@ -375,7 +412,7 @@ def reuses_first_forward(args) -> bool:
     """True when the update's first forward sees the very weights that generated the rollout (one epoch, one
     mini-batch per iteration) and computes what an experience pass would (no dropout)."""
     return (args.ppo_epochs == 1 and args.generation_batches == 1
-            and args.per_device_training_batch_size >= args.per_device_generation_batch_size
+            and args.per_device_training_batch_size >= args.per_device_generation_batch_size * args.n_samples_per_prompt
             and not args.actor_dropout and not args.critic_dropout and not args.separate_experience_passes)
 
 

@@ -1,8 +1,12 @@
 """The four (five) models of PPO as DeepSpeed engines.
 
     actor  (trained)  <- step-1 model        reference (frozen) <- step-1 model
-    critic (trained)  <- step-2 reward model reward    (frozen) <- step-2 reward model (or a classifier)
+    critic (trained)  <- step-2 reward model reward    (frozen) <- step-2 reward model (or a classifier,
+                                                                   or a reward function)
     ema    (optional, EMA of the actor)
+
+The critic exists for --advantage_estimator gae only: the critic-free estimators (GRPO, RLOO, REINFORCE++)
+take their baseline from the rewards of several answers, so no value model and no critic optimizer are built.
 
 Memory: when the actor trains only LoRA, the reference IS the actor with its adapters switched off, and
 when the critic trains only LoRA (plus its head), the reward model IS the critic's decoder with adapters off
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.reward_function import RewardFunction
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores, last_token_index
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import create_hf_model
@@ -71,28 +76,47 @@ class DeepSpeedRLHFEngine:
                                   tokenizer, actor_config, None, args.trust_remote_code, args.dtype)
             self.ref = init_frozen_engine(ref, args, self.actor_spec.zero_stage, args.offload_reference_model)
 
-        # critic and the reward model
+        # the critic (GAE only) and the reward: a step-2 model, a classifier or a function
+        self.critic, self.reward, self.reward_head = None, None, None
         critic_config = train_ds_config(self.critic_spec, args, micro, gas)
+        if args.reward_model_type == "classifier":
+            self.reward = ClassifierReward(args.reward_model_name_or_path, args.reward_label, tokenizer,
+                                           args.trust_remote_code).to(args.device)
+        elif args.reward_model_type == "function":
+            self.reward = RewardFunction(args.reward_function)
+            print_rank_0(f"reward: {args.reward_function}(prompts, answers)")
+        if args.advantage_estimator != "gae":
+            print_rank_0(f"no critic: --advantage_estimator {args.advantage_estimator} takes its baseline from the "
+                         f"rewards (no value model, no critic optimizer)")
+            if args.reward_model_type == "reward_model":
+                self.reward = self._frozen_reward_model(critic_config)
+            return
         critic = create_critic_model(args.critic_model_name_or_path, tokenizer, critic_config,
                                      args.num_padding_at_beginning, args.critic_dropout, args.compute_fp32_loss,
                                      trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         apply_lora(critic, self.critic_spec, force_optimize_params=["v_head"])
-        self.reward_head = None
-        if args.reward_model_type == "classifier":
-            self.reward = ClassifierReward(args.reward_model_name_or_path, args.reward_label, tokenizer,
-                                           args.trust_remote_code).to(args.device)
-        elif shares_base(self.critic_spec) and not args.reward_model_name_or_path:
+        if args.reward_model_type == "reward_model" and shares_base(self.critic_spec) \
+                and not args.reward_model_name_or_path:
             # A frozen copy of the starting head (a few KB): the critic's head is trained, the reward's is not.
             # Kept in float32 (the head computes in float32 anyway; DeepSpeed casts only the engines' modules).
-            self.reward = None
             self.reward_head = copy.deepcopy(critic.v_head).requires_grad_(False).float().to(args.device)
             print_rank_0("reward model: the critic's decoder with LoRA switched off + the step-2 head (shared)")
-        else:
-            reward = create_critic_model(args.reward_model_name_or_path or args.critic_model_name_or_path, tokenizer,
-                                         critic_config, args.num_padding_at_beginning, None, args.compute_fp32_loss,
-                                         trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-            self.reward = init_frozen_engine(reward, args, self.critic_spec.zero_stage, args.offload_reward_model)
+        elif args.reward_model_type == "reward_model":
+            self.reward = self._frozen_reward_model(critic_config)
         self.critic = init_engine(critic, self.critic_spec, args, critic_config, total_steps)
+
+    def _frozen_reward_model(self, ds_config):
+        """The step-2 reward model as a frozen engine of its own."""
+        a = self.args
+        reward = create_critic_model(a.reward_model_name_or_path or a.critic_model_name_or_path, self.tokenizer,
+                                     ds_config, a.num_padding_at_beginning, None, a.compute_fp32_loss,
+                                     trust_remote_code=a.trust_remote_code, dtype=a.dtype)
+        return init_frozen_engine(reward, a, self.critic_spec.zero_stage, a.offload_reward_model)
+
+    @property
+    def engines(self) -> dict:
+        """The trained engines, by name (what a checkpoint holds)."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     # ------------------------------------------------------------------------------------------- frozen passes
     def reference_context(self):
@@ -108,6 +132,10 @@ class DeepSpeedRLHFEngine:
         """The reward model's score of each sequence: its value at the last real token. (B, L) -> (B,)"""
         if isinstance(self.reward, ClassifierReward):
             return self.reward(seq, attention_mask, prompt_length)
+        if isinstance(self.reward, RewardFunction):
+            prompts = self.tokenizer.batch_decode(seq[:, :prompt_length], skip_special_tokens=True)
+            answers = self.tokenizer.batch_decode(seq[:, prompt_length:], skip_special_tokens=True)
+            return self.reward(prompts, answers).to(seq.device)
         # only each row's last real token is read: the last decoder layer runs from the earliest of them on
         start = int(last_token_index(attention_mask).min())
         if self.reward is None:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import CRITIC_FREE, LOSS_AGGREGATIONS
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.ds_utils import on_cpu
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
@@ -24,13 +25,21 @@ def parse_args(argv=None):
                    help="PTX loss coefficient (InstructGPT: 27.8, reported unstable; try 1 or less).")
 
     cli.add_model_args(p, "actor_", required=True)
-    cli.add_model_args(p, "critic_", required=True)
+    cli.add_model_args(p, "critic_", required=False)
     cli.add_tokenizer_args(p)
     cli.add_nonfinite_args(p)
     m = p.add_argument_group("reward")
     m.add_argument("--num_padding_at_beginning", type=int, default=0, help="OPT: 1, LLaMA: 0 (see step 2).")
-    m.add_argument("--reward_model_type", choices=["reward_model", "classifier"], default="reward_model",
-                   help="reward_model: a step-2 model's end score; classifier: a sequence classifier's logit.")
+    m.add_argument("--reward_model_type", choices=["reward_model", "model", "classifier", "function"],
+                   default="reward_model",
+                   help="reward_model (or model): a step-2 model's end score; classifier: a sequence classifier's "
+                        "logit; function: --reward_function's score of each answer (a verifiable reward).")
+    m.add_argument("--reward_function", type=str, default=None,
+                   help="With --reward_model_type function: path/to/file.py:name or package.module:name, called as "
+                        "name(prompts, answers) -> one float per answer (e.g. alpaca_rlhf.tools.demo_task:reward).")
+    m.add_argument("--eval_reward_function", type=str, default=None,
+                   help="Same form: a ground-truth score that is logged (reward/ground_truth, eval/ground_truth), "
+                        "never trained on (e.g. the demo's grader).")
     m.add_argument("--reward_model_name_or_path", type=str, default=None,
                    help="The frozen reward model (default: --critic_model_name_or_path, the step-2 model; with "
                         "--only_optimize_lora the critic's base with LoRA off, no copy). Naming it loads a separate copy.")
@@ -51,7 +60,8 @@ def parse_args(argv=None):
                    help="Prompts per rank per generation batch (older name: --per_device_train_batch_size). Default 16.")
     b.add_argument("--per_device_training_batch_size", "--per_device_mini_train_batch_size", type=int, default=16,
                    dest="per_device_training_batch_size",
-                   help="PPO mini-batch per rank (older name: --per_device_mini_train_batch_size). Default 16.")
+                   help="PPO mini-batch per rank, in answers (older name: --per_device_mini_train_batch_size). "
+                        "Default 16.")
     b.add_argument("--generation_batches", type=int, default=1, help="Generation batches per PPO iteration. Default 1.")
     b.add_argument("--ppo_epochs", type=int, default=1, help="Passes over each iteration's experience. Default 1.")
     b.add_argument("--separate_experience_passes", action="store_true",
@@ -72,6 +82,25 @@ def parse_args(argv=None):
     g.add_argument("--ignore_eos", action="store_true",
                    help="Treat EOS as an ordinary token: every answer is exactly --max_answer_seq_len tokens "
                         "(fixed-length benchmarks, as in DeepSpeed-Chat's). Off by default.")
+
+    c = p.add_argument_group("critic-free RL (GRPO, RLOO, REINFORCE++)")
+    c.add_argument("--advantage_estimator", choices=["gae", *CRITIC_FREE], default="gae",
+                   help="gae: PPO with a critic (default). Without a critic: reinforce (REINFORCE++), rloo "
+                        "(leave-one-out baseline), reinforce_baseline (group mean baseline, batch-whitened), "
+                        "group_norm (GRPO: (r - mean) / std in each group), dr_grpo (Dr. GRPO: no std, length "
+                        "normalised loss). OpenRLHF's names and meanings.")
+    c.add_argument("--n_samples_per_prompt", type=int, default=1,
+                   help="Answers sampled per prompt; a group stays on one rank. GRPO/RLOO need >= 2 (GRPO paper: "
+                        "64, OpenRLHF examples: 4-8). Default 1.")
+    c.add_argument("--kl_loss_coef", type=float, default=0.0,
+                   help="KL(actor || reference) as a loss term with this weight (GRPO: 0.04; then usually "
+                        "--kl_coef 0, no KL in the reward). Default 0: off.")
+    c.add_argument("--kl_loss_estimator", choices=["k1", "k3"], default="k3",
+                   help="Estimator of the KL loss term (GRPO: k3). Default k3.")
+    c.add_argument("--loss_agg", choices=list(LOSS_AGGREGATIONS), default=None,
+                   help="How per-token policy losses become one: token_mean (default; DeepSpeed-Chat, OpenRLHF), "
+                        "seq_mean_token_mean (GRPO paper), seq_mean_token_sum_norm (Dr. GRPO; the default with "
+                        "--advantage_estimator dr_grpo).")
 
     o = p.add_argument_group("PPO")
     o.add_argument("--kl_coef", type=float, default=0.05,
@@ -141,9 +170,14 @@ def check(args):
     if gen < 1 or train < 1 or args.generation_batches < 1 or args.ppo_epochs < 1:
         raise ConfigError("--per_device_generation_batch_size, --per_device_training_batch_size, "
                           "--generation_batches and --ppo_epochs must be at least 1")
-    if gen % train:
-        raise ConfigError(f"--per_device_training_batch_size ({train}) must divide "
-                          f"--per_device_generation_batch_size ({gen}): mini-batches are cut from each rollout")
+    if args.n_samples_per_prompt < 1:
+        raise ConfigError(f"--n_samples_per_prompt must be at least 1, got {args.n_samples_per_prompt}")
+    answers = gen * args.n_samples_per_prompt  # rows of one rollout
+    if answers % train:
+        raise ConfigError(f"--per_device_training_batch_size ({train}) must divide the answers of a rollout, "
+                          f"--per_device_generation_batch_size x --n_samples_per_prompt ({answers}): mini-batches "
+                          f"are cut from each rollout")
+    check_estimator_args(args)
     if args.enable_test_mode and args.test_stop_step < 1:
         raise ConfigError("--enable_test_mode needs --test_stop_step N (N >= 1)")
     if args.reward_model_type == "classifier" and not args.reward_model_name_or_path:
@@ -169,9 +203,32 @@ def check(args):
                               "(DeepSpeed's inference kernels); this machine has the CPU accelerator only")
 
 
+def check_estimator_args(args):
+    """The critic (only GAE has one), the reward source and the group size fit the estimator."""
+    if args.reward_model_type == "model":
+        args.reward_model_type = "reward_model"
+    estimator, k = args.advantage_estimator, args.n_samples_per_prompt
+    if estimator == "gae" and not args.critic_model_name_or_path:
+        raise ConfigError("--advantage_estimator gae (PPO) trains a critic: give --critic_model_name_or_path "
+                          "(the step-2 model), or pick a critic-free estimator (group_norm, rloo, ...)")
+    if estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and k < 2:
+        raise ConfigError(f"--advantage_estimator {estimator} compares the answers to one prompt: it needs "
+                          f"--n_samples_per_prompt of at least 2, got {k}")
+    if args.reward_model_type == "function" and not args.reward_function:
+        raise ConfigError("--reward_model_type function needs --reward_function path/to/file.py:name")
+    if args.reward_function and args.reward_model_type != "function":
+        raise ConfigError("--reward_function is used with --reward_model_type function")
+    if args.reward_model_type == "reward_model" and not (args.reward_model_name_or_path
+                                                         or args.critic_model_name_or_path):
+        raise ConfigError("the reward model: give --reward_model_name_or_path (or --critic_model_name_or_path)")
+    if args.loss_agg is None:
+        args.loss_agg = "seq_mean_token_sum_norm" if estimator == "dr_grpo" else "token_mean"
+
+
 def optimizer_steps(args, iterations_per_epoch: int) -> int:
     """Optimizer steps of each engine over the run, for the learning-rate schedules."""
-    minibatches = args.generation_batches * (args.per_device_generation_batch_size // args.per_device_training_batch_size)
+    answers = args.per_device_generation_batch_size * args.n_samples_per_prompt
+    minibatches = args.generation_batches * (answers // args.per_device_training_batch_size)
     per_iteration = math.ceil(minibatches * args.ppo_epochs / args.gradient_accumulation_steps)
     iterations = iterations_per_epoch * args.num_train_epochs
     if args.enable_test_mode:
@@ -182,7 +239,7 @@ def optimizer_steps(args, iterations_per_epoch: int) -> int:
 def reward_stats(args):
     """{'mean', 'std'} to normalise scores with: --reward_stats, else step 2's reward_stats.json next to the
     reward model, else None (raw scores, with a warning)."""
-    if args.no_reward_normalization or args.reward_model_type == "classifier":
+    if args.no_reward_normalization or args.reward_model_type in ("classifier", "function"):
         return None
     path = args.reward_stats or os.path.join(args.reward_model_name_or_path or args.critic_model_name_or_path,
                                              "reward_stats.json")

@@ -212,6 +212,8 @@ _DOMAINS = {
     "temperature": (lambda v: v > 0, "above 0"),
     "kl_horizon": (lambda v: v > 0, "above 0"),
     "kl_coef": (lambda v: v >= 0, "at least 0"),
+    "kl_loss_coef": (lambda v: v >= 0, "at least 0"),
+    "n_samples_per_prompt": (lambda v: v >= 1, "at least 1"),
     "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "cliprange": (lambda v: v > 0, "above 0"),
