@@ -502,13 +502,15 @@ def attach_meter(engine, meter: PassMeter):
         meter.watch_body(ref.model, lambda: "reference", ref.get_input_embeddings(), ref.config)
         meter.watch_head(ref.lm_head)
         meter.watch_lean_decode(ref.model)
-    critic = engine.critic.module
-    body = critic.rwtransformer
-    critic_off = _lora_switch(body)
-    n_critic = meter.watch_body(body, lambda: "reward" if critic_off() else "critic",
-                                body.get_input_embeddings(), body.config)
-    n_critic += meter.watch_head(critic.v_head)
-    meter.watch_lean_decode(body)
+    n_critic = 0
+    if engine.critic is not None:  # (none with a critic-free --advantage_estimator)
+        critic = engine.critic.module
+        body = critic.rwtransformer
+        critic_off = _lora_switch(body)
+        n_critic = meter.watch_body(body, lambda: "reward" if critic_off() else "critic",
+                                    body.get_input_embeddings(), body.config)
+        n_critic += meter.watch_head(critic.v_head)
+        meter.watch_lean_decode(body)
     if getattr(engine, "reward_head", None) is not None:
         meter.watch_head(engine.reward_head)
     reward = getattr(engine, "reward", None)
@@ -519,8 +521,7 @@ def attach_meter(engine, meter: PassMeter):
         meter.watch_lean_decode(rbody)
     elif reward is not None:
         print("note: the reward model is not a step-2 style model; its passes are not counted", flush=True)
-    for name in ("actor", "critic"):
-        eng = getattr(engine, name)
+    for name, eng in engine.engines.items():
         timed_method(eng, "backward", meter, f"{name}/backward")
         timed_method(eng, "step", meter, f"{name}/optimizer step")
     return {"actor": n_actor, "critic": n_critic}
