@@ -220,3 +220,14 @@ def test_aggregate_loss_modes_hand_computed():
     assert aggregate_loss(per_token, mask, "seq_mean_token_sum_norm", max_len=8).item() == pytest.approx((6 + 4) / 16)
     with pytest.raises(ValueError, match="--loss_agg"):
         aggregate_loss(per_token, mask, "sum")
+
+
+def test_policy_loss_aggregation_follows_loss_agg():
+    logprobs = torch.zeros(2, 4)
+    advantages = torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    # ratio 1 everywhere: the per-token loss is -advantage
+    for mode, max_len, expected in (("token_mean", None, -5 / 4), ("seq_mean_token_mean", None, -1.5),
+                                    ("seq_mean_token_sum_norm", 8, -(3 / 8 + 2 / 8) / 2)):
+        loss, _, _ = ppo_policy_loss(logprobs, logprobs, advantages, mask, 0.2, mode, max_len)
+        assert loss.item() == pytest.approx(expected)

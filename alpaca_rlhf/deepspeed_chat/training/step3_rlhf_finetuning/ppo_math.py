@@ -165,14 +165,16 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     raise ValueError(f"--loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {mode!r}")
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2, loss_agg: str = "token_mean"):
-    """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise, aggregated by `loss_agg`.
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2, loss_agg: str = "token_mean",
+                    max_len: Optional[int] = None):
+    """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise, aggregated by `loss_agg`
+    (max_len: the constant of seq_mean_token_sum_norm).
     Returns (loss, clip fraction, approximate KL(old || new) = 0.5 * E[(log ratio)^2])."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg, max_len)
     clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
     approxkl = 0.5 * masked_mean(log_ratio ** 2, mask)
     return loss, clipfrac.detach(), approxkl.detach()

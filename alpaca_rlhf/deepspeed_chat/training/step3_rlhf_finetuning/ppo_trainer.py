@@ -270,7 +270,7 @@ class PPOTrainer:
         gae = self.critic is not None
         advantages = masked_whiten(mb.advantages, mask) if gae and a.whiten_advantages else mb.advantages
         policy_loss, clipfrac, approxkl = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.cliprange,
-                                                          a.loss_agg)
+                                                          a.loss_agg, a.max_answer_seq_len)
         actor_loss = policy_loss
         kl_loss = None
         if a.kl_loss_coef > 0:  # GRPO's KL term in the loss (instead of, or besides, the KL in the reward)
