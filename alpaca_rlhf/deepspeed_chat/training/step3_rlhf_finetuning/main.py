@@ -40,7 +40,8 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import save_hf_
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import is_rank_0, print_rank_0, write_json
 
 
-def cycle(loader):  # (the PTX batches: their position is part of the trainer's state)
+def cycle(loader):
+    """The PTX batches, epoch after epoch (their position is part of the trainer's state)."""
     while True:
         yield from loader
 

@@ -112,12 +112,12 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         """What a resumed run needs besides the engines and the data position (a JSON-able dict)."""
         return {"kl_ctl": self.kl_ctl.state_dict(), "nonfinite_skipped": self.nonfinite_skipped,
-                "nonfinite_updates": [self.guard.skipped, self.guard.in_a_row], "ptx_consumed": self.ptx_consumed}
+                "nonfinite_updates": self.guard.state_dict(), "ptx_consumed": self.ptx_consumed}
 
     def load_state_dict(self, state: dict):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.nonfinite_skipped = state["nonfinite_skipped"]
-        self.guard.skipped, self.guard.in_a_row = state.get("nonfinite_updates", [0, 0])
+        self.guard.load_state_dict(state["nonfinite_updates"])
         if self.ptx_batches is not None:  # the PTX stream continues where the checkpoint left it
             for _ in range(state.get("ptx_consumed", 0)):
                 next(self.ptx_batches)
@@ -231,8 +231,7 @@ class PPOTrainer:
         if values is None:
             advantages, returns = critic_free_advantages(r.score, kl, r.action_mask, self.kl_ctl.value,
                                                          self.group_size, a.advantage_estimator, a.gamma)
-            r.fill(logprobs=logprobs, values=torch.zeros_like(returns), rewards=None, advantages=advantages,
-                   returns=returns)
+            r.fill(logprobs=logprobs, advantages=advantages, returns=returns)  # no values, no per-token rewards
             return
         values = values * r.action_mask                                                       # zero after EOS
         rewards = compute_rewards(r.score, kl, r.action_mask, self.kl_ctl.value)

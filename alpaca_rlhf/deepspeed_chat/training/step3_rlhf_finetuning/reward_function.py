@@ -12,9 +12,8 @@ back as they are and the trainer skips that batch on every rank (like non-finite
 """
 import importlib
 import importlib.util
-import math
 import os
-from typing import Callable, List, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -64,12 +63,14 @@ class RewardFunction:
         if len(scores) != len(answers):
             raise RewardFunctionError(f"{self.flag} {self.spec} returned {len(scores)} scores for {len(answers)} "
                                       f"answers; it must return one number per answer")
-        try:
-            return torch.tensor([float(s) for s in scores], dtype=torch.float32)
-        except (TypeError, ValueError):
-            row = next(i for i, s in enumerate(scores) if not _is_number(s))
-            raise RewardFunctionError(f"{self.flag} {self.spec} returned {scores[row]!r} for row {row}; "
-                                      f"expected a number") from None
+        values = []
+        for row, score in enumerate(scores):
+            try:
+                values.append(float(score))
+            except (TypeError, ValueError):
+                raise RewardFunctionError(f"{self.flag} {self.spec} returned {score!r} for row {row}; "
+                                          f"expected a number") from None
+        return torch.tensor(values, dtype=torch.float32)
 
     def _failing_row(self, prompts, answers):
         for i, (p, a) in enumerate(zip(prompts, answers)):
@@ -79,15 +80,3 @@ class RewardFunction:
                 return i
         return None
 
-
-def _is_number(value) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def nonfinite_rows(scores: torch.Tensor) -> List[int]:
-    """Indices of non-finite scores (for the message when a batch is skipped)."""
-    return [i for i, s in enumerate(scores.tolist()) if not math.isfinite(s)]

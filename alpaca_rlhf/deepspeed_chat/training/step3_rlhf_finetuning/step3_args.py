@@ -170,8 +170,6 @@ def check(args):
     if gen < 1 or train < 1 or args.generation_batches < 1 or args.ppo_epochs < 1:
         raise ConfigError("--per_device_generation_batch_size, --per_device_training_batch_size, "
                           "--generation_batches and --ppo_epochs must be at least 1")
-    if args.n_samples_per_prompt < 1:
-        raise ConfigError(f"--n_samples_per_prompt must be at least 1, got {args.n_samples_per_prompt}")
     answers = gen * args.n_samples_per_prompt  # rows of one rollout
     if answers % train:
         raise ConfigError(f"--per_device_training_batch_size ({train}) must divide the answers of a rollout, "

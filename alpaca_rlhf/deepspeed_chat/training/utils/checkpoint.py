@@ -221,11 +221,9 @@ class RunCheckpoints:
     def tensors(self) -> Dict[str, torch.Tensor]:
         return load_checkpoint_tensors(self.path) if self.path else {}
 
-    def due(self, step: int) -> bool:
-        return bool(self.args.save_interval) and step % self.args.save_interval == 0
-
     def maybe_save(self, step: int, trainer_state: dict, tensors: Optional[Dict[str, torch.Tensor]] = None):
-        if self.due(step):
+        """A checkpoint when `step` is a multiple of --save_interval (0: never)."""
+        if self.args.save_interval and step % self.args.save_interval == 0:
             save_checkpoint(self.args.output_dir, step, self.engines, {"step": step, **trainer_state},
                             self.run_config, keep_last=self.args.save_total_limit, tensors=tensors,
                             node_local=getattr(self.args, "node_local_checkpoints", False))
