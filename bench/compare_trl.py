@@ -1,9 +1,17 @@
 #!/usr/bin/env python
-"""Our PPO iteration against TRL's (trl.experimental.ppo in trl==1.12.0) in the same reference setting,
-interleaved in one invocation so that both see the same machine drift.
+"""Our PPO iteration against TRL's (trl.experimental.ppo in trl==1.12.0) in the same reference setting, or
+(--algo grpo) our GRPO iteration against TRL's GRPOTrainer, interleaved in one invocation so that both see the
+same machine drift.
 
     .venv/bin/python -m pip install --no-deps --target bench/.trl_site -r bench/requirements.txt   # once
-    .venv/bin/python bench/compare_trl.py --preset tiny [--lora] [--iterations 8] [--warmup 1] [--rounds 1]
+    .venv/bin/python bench/compare_trl.py [--algo ppo|grpo] --preset tiny [--lora] [--iterations 8] [--warmup 1]
+        [--rounds 1]
+
+--algo grpo: the same 16 rows as 4 prompts x K=4 answers; ours with --advantage_estimator group_norm
+--n_samples_per_prompt 4 --kl_coef 0 --kl_loss_coef 0.04 (no critic; the export is the frozen reward model), TRL's
+GRPOTrainer with num_generations 4, beta 0.04 (so both run a reference pass), loss_type bnpo (a token mean, like
+our default), one update per generation (num_iterations 1), exactly 64 answer tokens (min_new_tokens 64), the
+same prompt ids (its prompt tokenizer is bypassed; the reward model reads the decoded text, as it does in TRL).
 
 Same weights (our random-weight model and its exported sequence-classification copy with a random scalar head
 for critic/value and reward model), tokenizer, prompts (16 x 64 random non-special ids per iteration), exactly 64
@@ -37,6 +45,13 @@ TRL_SITE = os.path.join(BENCH_DIR, ".trl_site")
 sys.path.insert(0, BENCH_DIR)
 
 import ppo_throughput as pt  # noqa: E402  (stdlib-only at import time)
+
+GRPO_GROUP = 4  # --algo grpo: 4 prompts x K=4 answers = the 16 rows of the PPO setting
+
+
+def group_of(args) -> int:
+    return GRPO_GROUP if args.algo == "grpo" else 1
+
 
 INSTALL_HINT = (f"TRL is not installed for the benchmark. Install it (into {TRL_SITE}, outside the project venv):\n"
                 f"  .venv/bin/python -m pip install --no-deps --target bench/.trl_site -r bench/requirements.txt")
@@ -206,15 +221,138 @@ def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, see
             "trl_version": trl.__version__}
 
 
+def run_trl_grpo(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
+                 gate=None, group: int = 4):
+    """TRL's GRPOTrainer in the reference setting adapted to groups: 16 / K prompts x K answers of exactly 64
+    tokens (min_new_tokens = max_new_tokens: EOS is never sampled), the same prompt ids as ours (its prompt
+    tokenizer is bypassed), the sequence-classification export as the reward model, beta 0.04 (so a reference
+    pass, like ours), one update per generation, token-mean loss (bnpo), group-scaled advantages."""
+    sys.path.insert(0, TRL_SITE)
+    import torch
+    torch.set_num_threads(threads)
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              PrinterCallback, ProgressCallback, TrainerCallback)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+    if trl.__version__ != "1.12.0":
+        print(f"warning: trl {trl.__version__} (the benchmark pins 1.12.0)", flush=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(actor_dir)
+    if tokenizer.pad_token is None:  # as our load_tokenizer: LLaMA pads with unk (id 0)
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token_id == 0 else tokenizer.eos_token
+    total = warmup + iterations
+    per_iteration = pt.PROMPTS_PER_ITERATION // group
+    prompt_ids = pt.make_prompts(tokenizer, total * per_iteration, seed).tolist()
+    # the prompts as text (what the reward model reads), each mapped back to its exact ids for generation
+    ids_of = {tokenizer.decode(ids): ids for ids in prompt_ids}
+    if len(ids_of) != len(prompt_ids):
+        raise SystemExit("two random prompts decode to the same text; change --seed")
+    train_dataset = Dataset.from_dict({"prompt": list(ids_of)})
+
+    policy = AutoModelForCausalLM.from_pretrained(actor_dir)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=pt.LORA_RANK, lora_alpha=1, lora_dropout=0.0,
+                                 target_modules=pt.LORA_MODULES.split(","), bias="none", task_type="CAUSAL_LM")
+    output_dir = tempfile.mkdtemp(prefix="trl-grpo-bench-")
+    config = GRPOConfig(
+        output_dir=output_dir, seed=seed, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+        per_device_train_batch_size=pt.PROMPTS_PER_ITERATION, gradient_accumulation_steps=1, num_generations=group,
+        max_steps=total, num_train_epochs=1, max_completion_length=pt.ANSWER_LEN,
+        generation_kwargs={"min_new_tokens": pt.ANSWER_LEN}, temperature=1.0, top_p=1.0, top_k=0,
+        beta=0.04, num_iterations=1, epsilon=0.2, scale_rewards="group", loss_type="bnpo",
+        learning_rate=9.65e-6, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch",
+        lr_scheduler_type="cosine", report_to="none", save_strategy="no", eval_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, push_to_hub=False,
+        log_completions=False)
+
+    meter = pt.PassMeter()
+    clock = _IterationClock(meter, warmup)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if gate is not None:
+                gate.send({"ready": True})
+                gate.wait("go")
+            clock._reset(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.iteration_end()
+            if gate is not None:
+                rec = clock.records[-1]
+                gate.send({"iteration": rec["iteration"], "total_s": rec["total_s"]})
+                gate.wait("go" if len(clock.records) < total else "end")
+                clock._reset(time.perf_counter())
+
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=config, train_dataset=train_dataset,
+                          processing_class=tokenizer, reward_processing_classes=tokenizer,
+                          peft_config=peft_config, callbacks=[Clock()])
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    # the exact prompt ids (TRL would tokenize the text again, with a BOS, to another length)
+    trainer._tokenize_prompts = lambda prompts: ([list(ids_of[p]) for p in prompts], None, {})
+    generate = trainer._generate_single_turn
+
+    def timed_generation(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        clock.generation(t0, time.perf_counter(), pt.PROMPT_LEN + max(len(c) for c in out[0]))
+        return out
+    trainer._generate_single_turn = timed_generation
+    score = trainer._generate_and_score_completions
+
+    def scored_then_train(*args, **kwargs):  # generation, rewards and reference log-probs end here
+        out = score(*args, **kwargs)
+        clock.training_forward()
+        return out
+    trainer._generate_and_score_completions = scored_then_train
+
+    base_policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    policy_off = pt._lora_switch(base_policy)
+    n_actor = meter.watch_body(base_policy.model, lambda: "reference" if policy_off() else "actor",
+                               base_policy.get_input_embeddings(), base_policy.config)
+    n_actor += meter.watch_head(base_policy.lm_head)
+    if getattr(trainer, "ref_model", None) is not None:
+        ref = trainer.ref_model
+        meter.watch_body(ref.model, lambda: "reference", ref.get_input_embeddings(), ref.config)
+        meter.watch_head(ref.lm_head)
+    meter.watch_body(reward_model.model, lambda: "reward", reward_model.get_input_embeddings(), reward_model.config)
+    meter.watch_head(reward_model.score)
+    pt.timed_method(trainer.accelerator, "backward", meter, "actor/backward")  # (its optimizer comes with train())
+
+    trainer.train()
+    meter.remove()
+    peak = pt.peak_rss_mib()
+    expected = pt.PROMPT_LEN + pt.ANSWER_LEN
+    bad = [r["sequence_columns"] for r in clock.records if r["sequence_columns"] != expected]
+    if bad:
+        raise SystemExit(f"TRL generated sequences of {bad} columns, expected {expected}")
+    import shutil
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return {"records": clock.records, "n_params": {"actor": n_actor, "critic": 0}, "peak_rss_mib": peak,
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+            "trl_version": trl.__version__}
+
+
 def worker_main(args):
     pt.set_threads(args.threads)
     pt.blas_setup(stock=args.trl_stock_blas)  # before TRL (and so torch) loads
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     gate = pt.Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
-    run = run_trl(args.model, args.critic_model, args.lora, args.iterations, args.warmup, args.seed, args.threads,
-                  gate)
+    if args.algo == "grpo":
+        run = run_trl_grpo(args.model, args.critic_model, args.lora, args.iterations, args.warmup, args.seed,
+                           args.threads, gate, GRPO_GROUP)
+    else:
+        run = run_trl(args.model, args.critic_model, args.lora, args.iterations, args.warmup, args.seed,
+                      args.threads, gate)
     setting = {"preset": args.preset, "lora": args.lora, "threads": args.threads, "warmup": args.warmup,
-               "iterations": args.iterations, "seed": args.seed}
+               "iterations": args.iterations, "seed": args.seed, "group": group_of(args)}
     report = pt.build_report("TRL", setting, run)
     report["trl_version"] = run["trl_version"]
     report["blas"] = pt.blas_status()
@@ -300,9 +438,10 @@ def run_round(r, args, common, work):
     """One lock-step round; returns ({framework: report}, [(ours s, TRL s) per measured iteration])."""
     outs = {name: os.path.join(work, f"round{r}-{name}.json") for name in ("ours", "TRL")}
     cmds = {"ours": [sys.executable, os.path.join(BENCH_DIR, "ppo_throughput.py"), *common, "--quiet",
-                     "--no_matmul", "--output_json", outs["ours"]]
+                     "--no_matmul", "--output_json", outs["ours"], "--group", str(group_of(args))]
             + ([f"--trainer_args={args.ours_args}"] if args.ours_args else []),
-            "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"]]
+            "TRL": [sys.executable, os.path.abspath(__file__), "--_worker", "trl", *common, "--_output", outs["TRL"],
+                    "--algo", args.algo]
             + (["--trl_stock_blas"] if args.trl_stock_blas else [])}
 
     def describe(i, times, warm):
@@ -324,7 +463,7 @@ def driver_main(args):
     common = ["--preset", args.preset, "--model", actor_dir, "--critic_model", critic_dir,
               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--seed", str(args.seed),
               "--threads", str(args.threads)] + (["--lora"] if args.lora else [])
-    print(f"compare: preset {args.preset}{' + LoRA' if args.lora else ''}, {args.rounds} round(s) of "
+    print(f"compare ({args.algo}): preset {args.preset}{' + LoRA' if args.lora else ''}, {args.rounds} round(s) of "
           f"{args.warmup} warm-up + {args.iterations} measured iterations per framework, lock-step; logs in {work}",
           flush=True)
     results, pairs = {"ours": [], "TRL": []}, []
@@ -347,7 +486,7 @@ def driver_main(args):
         last = results[name][-1]
         summary[name] = {
             "s_per_iteration": s, "min": min(totals), "max": max(totals),
-            "prompts_per_hour": pt.PROMPTS_PER_ITERATION * 3600.0 / s,
+            "prompts_per_hour": pt.PROMPTS_PER_ITERATION // group_of(args) * 3600.0 / s,
             "generate_s": med(name, "generate_s"), "score_s": med(name, "score_s"), "train_s": med(name, "train_s"),
             "peak_rss_mib": max(rep["peak_rss_mib"] for rep in results[name]),
             "gflop_per_iteration": last.get("flops", {}).get("counted_per_iteration", float("nan")) / 1e9,
@@ -366,8 +505,11 @@ def driver_main(args):
         ("optimizer", lambda x: x["optimizer"]),
     ]
     print()
-    print(f"== ours vs TRL {results['TRL'][-1].get('trl_version', '')}: preset {args.preset}"
-          f"{' + LoRA' if args.lora else ''}, {pt.PROMPTS_PER_ITERATION} prompts x ({pt.PROMPT_LEN} + "
+    k = group_of(args)
+    shape = (f"{pt.PROMPTS_PER_ITERATION} prompts" if k == 1 else
+             f"GRPO: {pt.PROMPTS_PER_ITERATION // k} prompts x {k} answers")
+    print(f"== ours vs TRL {results['TRL'][-1].get('trl_version', '')} {'GRPOTrainer' if k > 1 else 'PPOTrainer'}: "
+          f"preset {args.preset}{' + LoRA' if args.lora else ''}, {shape} x ({pt.PROMPT_LEN} + "
           f"{pt.ANSWER_LEN} tokens), fp32, {args.threads} threads, {len(pairs)} lock-step iteration pairs "
           f"({args.rounds} round(s)) ==")
     if args.ours_args:
@@ -390,6 +532,9 @@ def driver_main(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
+                   help="ppo: our PPO against TRL's PPOTrainer; grpo: our critic-free GRPO (group_norm, K=4, KL loss "
+                        "0.04) against TRL's GRPOTrainer on 4 prompts x 4 answers. Default ppo.")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     p.add_argument("--lora", action="store_true", help="LoRA rank 8 on q_proj,k_proj for actor/policy and critic/value.")
     p.add_argument("--iterations", type=int, default=8,

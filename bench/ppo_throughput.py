@@ -11,7 +11,8 @@ LlamaForSequenceClassification checkpoint, which our critic loader and TRL both 
 64 random non-special token ids per iteration (fixed seed), exactly 64 sampled answer tokens (--ignore_eos,
 temperature 1, top_k 0, top_p 1), one PPO epoch over one mini-batch of 16, no gradient accumulation, fp32,
 ZeRO stage 0, torch AdamW, 2 threads, no logging, no saving. --lora: actor and critic train only LoRA rank 8
-on q_proj,k_proj (--only_optimize_lora; the reference and reward are the frozen bases).
+on q_proj,k_proj (--only_optimize_lora; the reference and reward are the frozen bases). --group K: GRPO, the 16
+answers as 16 / K prompts x K answers (group_norm advantages, no critic, the KL to the reference as a loss term).
 
 Per iteration it reports generation tokens/s, scoring and training time (split per forward pass with forward
 hooks placed from outside the trainer), total seconds (median, min, max after warm-up), prompts/hour, peak
@@ -456,7 +457,15 @@ def summarize(values):
 
 
 # ------------------------------------------------------------------------------------------------ our run
-def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int, extra=()):
+def grpo_flags(group: int):
+    """GRPO in the reference setting: PROMPTS_PER_ITERATION answers as 16 / K prompts x K answers, no critic (the
+    critic directory is the frozen reward model), the KL to the reference as a loss term (beta 0.04, the paper's)."""
+    return ["--advantage_estimator", "group_norm", "--n_samples_per_prompt", str(group),
+            "--per_device_generation_batch_size", str(PROMPTS_PER_ITERATION // group),
+            "--kl_coef", "0", "--kl_loss_coef", "0.04"]
+
+
+def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int, extra=(), group: int = 1):
     argv = [
         "--actor_model_name_or_path", actor_dir, "--critic_model_name_or_path", critic_dir,
         "--output_dir", output_dir, "--seed", str(seed),
@@ -473,6 +482,8 @@ def ours_argv(actor_dir, critic_dir, lora: bool, output_dir: str, seed: int, ext
         argv += ["--actor_lora_dim", str(LORA_RANK), "--actor_lora_module_name", LORA_MODULES,
                  "--critic_lora_dim", str(LORA_RANK), "--critic_lora_module_name", LORA_MODULES,
                  "--only_optimize_lora"]
+    if group > 1:
+        argv += grpo_flags(group)
     return argv + list(extra)
 
 
@@ -513,7 +524,7 @@ def attach_meter(engine, meter: PassMeter):
         meter.watch_lean_decode(body)
     if getattr(engine, "reward_head", None) is not None:
         meter.watch_head(engine.reward_head)
-    reward = getattr(engine, "reward", None)
+    reward = getattr(engine, "reward_model", None)
     if reward is not None and hasattr(getattr(reward, "module", None), "rwtransformer"):
         rbody = reward.module.rwtransformer
         meter.watch_body(rbody, lambda: "reward", rbody.get_input_embeddings(), rbody.config)
@@ -529,7 +540,7 @@ def attach_meter(engine, meter: PassMeter):
 
 def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
              verbose: bool = True, gate: "Gate" = None, profile_rows: int = 0, profile_shapes: bool = False,
-             trainer_args=()):
+             trainer_args=(), group: int = 1):
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -544,7 +555,7 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
 
     output_dir = tempfile.mkdtemp(prefix="ppo-bench-")
     try:
-        args = step3_args.parse_args(ours_argv(actor_dir, critic_dir, lora, output_dir, seed, trainer_args))
+        args = step3_args.parse_args(ours_argv(actor_dir, critic_dir, lora, output_dir, seed, trainer_args, group))
         t_init = time.perf_counter()
         dist = start_run(args)  # one-rank world (gloo); may JIT-build DeepSpeed's shm_comm op the first time
         init_s = time.perf_counter() - t_init
@@ -560,14 +571,15 @@ def run_ours(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, se
         meter = PassMeter()
         n_params = attach_meter(engine, meter)
         optimizer_name = type(engine.actor.optimizer).__name__
-        prompts = make_prompts(tokenizer, total * PROMPTS_PER_ITERATION, seed).to(dist.device)
-        mask = torch.ones(PROMPTS_PER_ITERATION, PROMPT_LEN, dtype=torch.long, device=dist.device)
+        per_iteration = PROMPTS_PER_ITERATION // group  # prompts; each answered `group` times
+        prompts = make_prompts(tokenizer, total * per_iteration, seed).to(dist.device)
+        mask = torch.ones(per_iteration, PROMPT_LEN, dtype=torch.long, device=dist.device)
 
         records = []
         if gate is not None:
             gate.send({"ready": True})
         for i in range(total):
-            batch = prompts[i * PROMPTS_PER_ITERATION:(i + 1) * PROMPTS_PER_ITERATION]
+            batch = prompts[i * per_iteration:(i + 1) * per_iteration]
             if gate is not None:
                 gate.wait("go")
             meter.reset()
@@ -631,7 +643,7 @@ def build_report(framework: str, setting: dict, run: dict, matmul=None, formula=
         "framework": framework, "setting": setting,
         "iterations_measured": len(measured),
         "seconds_per_iteration": total,
-        "prompts_per_hour": PROMPTS_PER_ITERATION * 3600.0 / total["median"],
+        "prompts_per_hour": PROMPTS_PER_ITERATION // setting.get("group", 1) * 3600.0 / total["median"],
         "generate_s": gen, "generation_tokens_per_s": PROMPTS_PER_ITERATION * ANSWER_LEN / gen,
         "score_s": statistics.median(r["score_s"] for r in measured),
         "train_s": statistics.median(r["train_s"] for r in measured),
@@ -680,8 +692,11 @@ def build_report(framework: str, setting: dict, run: dict, matmul=None, formula=
 def print_report(r: dict):
     s = r["setting"]
     print()
+    k = s.get("group", 1)
+    rows_text = (f"{PROMPTS_PER_ITERATION} prompts" if k == 1
+                 else f"GRPO, {PROMPTS_PER_ITERATION // k} prompts x {k} answers")
     print(f"== {r['framework']}: preset {s['preset']}{' + LoRA' if s.get('lora') else ''}, "
-          f"{PROMPTS_PER_ITERATION} prompts x ({PROMPT_LEN} prompt + {ANSWER_LEN} answer tokens), fp32, "
+          f"{rows_text} x ({PROMPT_LEN} prompt + {ANSWER_LEN} answer tokens), fp32, "
           f"{s['threads']} threads, {r['iterations_measured']} iterations after {s['warmup']} warm-up ==")
     t = r["seconds_per_iteration"]
     rows = [
@@ -759,6 +774,9 @@ def main(argv=None):
                    help="More step-3 flags for our trainer, appended to the reference setting's, e.g. "
                         "--trainer_args='--recompute_actor_forward' "
                         "(bench/ab_flags.py compares two such runs interleaved).")
+    p.add_argument("--group", type=int, default=1, metavar="K",
+                   help="K > 1: GRPO instead of PPO, the 16 answers as 16 / K prompts x K answers, no critic, KL as a "
+                        "loss term (beta 0.04). Default 1 (PPO).")
     p.add_argument("--stock_blas", action="store_true",
                    help="Leave torch's MKL as it comes instead of correcting its kernel choice on AMD processors "
                         "(alpaca_rlhf/cpu_blas.py, on in every entry point of ours): what the correction buys "
@@ -772,6 +790,8 @@ def main(argv=None):
         return 0
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.group < 1 or PROMPTS_PER_ITERATION % args.group:
+        p.error(f"--group must divide {PROMPTS_PER_ITERATION}")
     if args.profile_shapes and not args.profile:
         p.error("--profile_shapes needs --profile ROWS (how many rows of the profile to print)")
     set_threads(args.threads)
@@ -780,15 +800,16 @@ def main(argv=None):
     setting = {"preset": args.preset, "lora": args.lora, "model": actor_dir, "critic_model": critic_dir,
                "prompts": PROMPTS_PER_ITERATION, "prompt_len": PROMPT_LEN, "answer_len": ANSWER_LEN,
                "threads": args.threads, "iterations": args.iterations, "warmup": args.warmup, "seed": args.seed,
-               "trainer_args": args.trainer_args}
+               "trainer_args": args.trainer_args, "group": args.group}
     gate = Gate(args._cmd_fd, args._res_fd) if args._cmd_fd is not None else None
     run = run_ours(actor_dir, critic_dir, args.lora, args.iterations, args.warmup, args.seed, args.threads,
                    verbose=not args.quiet, gate=gate, profile_rows=args.profile,
                    profile_shapes=args.profile_shapes,
-                   trainer_args=shlex.split(args.trainer_args))
+                   trainer_args=shlex.split(args.trainer_args), group=args.group)
     # after the run: its buffers do not count in the peak memory above
     matmul = None if args.no_matmul else matmul_gflops()
-    formula = formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora)
+    formula = (formula_flops(run["n_params"]["actor"], run["n_params"]["critic"], args.lora) if args.group == 1
+               else None)  # (the textbook formula is PPO's)
     report = build_report("ours", setting, run, matmul, formula)
     report["blas"] = blas_status()
     if not args.quiet:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, compute_gae, compute_rewards,
-    critic_free_advantages, cumulative_returns, cut_at_eos, explained_variance, group_shaped_scores, kl_penalty,
-    masked_whiten, normalize_score, ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, combine_scores, compute_gae,
+    compute_rewards, critic_free_advantages, cumulative_returns, cut_at_eos, explained_variance, group_shaped_scores,
+    kl_penalty, masked_whiten, normalize_score, ppo_policy_loss)
 
 MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
 
@@ -156,6 +156,14 @@ def test_normalize_score_uses_reward_stats_then_penalty_then_clip(tmp_path):
     assert normalize_score(raw, ended, stats, clip=5.0, no_eos_penalty=2.0).tolist() == [0.0, 2.0, 5.0, -5.0]
     assert normalize_score(raw, ended, None, clip=100.0).tolist() == raw.tolist()
 
+
+
+def test_combine_scores_normalises_each_source_then_weights_and_sums():
+    raw = torch.tensor([[2.0, 1.0], [3.0, 0.0], [1.0, -2.0]])              # (B=3, S=2): reward model, function
+    stats = [{"mean": 2.0, "std": 0.5}, None]
+    # row i: 1.0 * (rm - 2) / 0.5 + 0.25 * fn
+    assert combine_scores(raw, stats, [1.0, 0.25]).tolist() == [0.25, 2.0, -2.5]
+    assert torch.equal(combine_scores(raw[:, :1], stats[:1], [1.0]), (raw[:, 0] - 2.0) / 0.5)  # one source: as before
 
 # ----------------------------------------------------------------------------- critic-free estimators
 

@@ -92,3 +92,32 @@ def test_critic_free_estimators_need_groups_and_no_critic():
     assert "must divide the answers of a rollout" in refusal(
         "--n_samples_per_prompt", "3", "--per_device_generation_batch_size", "2",
         "--per_device_training_batch_size", "4")
+
+
+def test_reward_sources_are_checked_and_weighted_one_each():
+    args = step3_args.parse_args(BASE + ["--reward_model_type", "model", "function", "--reward_function", "f.py:r",
+                                         "--reward_weights", "1", "0.5"])
+    assert args.reward_model_type == ["reward_model", "function"] and args.reward_weights == [1.0, 0.5]
+    assert step3_args.parse_args(BASE).reward_weights == [1.0]
+    assert "name each source once" in refusal("--reward_model_type", "model", "reward_model")
+    assert "expected 2 finite number(s)" in refusal("--reward_model_type", "reward_model", "function",
+                                                    "--reward_function", "f.py:r", "--reward_weights", "1")
+    assert "needs --reward_url" in refusal("--reward_model_type", "remote")
+    assert "--reward_url is used with --reward_model_type remote" in refusal("--reward_url", "http://h:1/score")
+    assert "needs --reward_model_name_or_path" in refusal("--reward_model_type", "classifier")
+    assert "default format" in refusal("--reward_model_type", "remote", "--reward_url", "http://h:1/score",
+                                       "--chat_template", "model")
+
+
+def test_reward_stats_for_each_source(tmp_path):
+    import json
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"chosen_mean": 2.0, "chosen_std": 0.5}))
+    served = {"mean": 1.0, "std": 3.0}
+    args = step3_args.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", str(tmp_path),
+                                  "--output_dir", "o", "--reward_model_type", "reward_model", "remote", "function",
+                                  "--reward_url", "http://h:1/score", "--reward_function", "f.py:r"])
+    assert [step3_args.reward_stats(args, s, served) for s in args.reward_model_type] == [
+        {"mean": 2.0, "std": 0.5}, served, None]
+    alone = step3_args.parse_args(BASE + ["--reward_model_type", "remote", "--reward_url", "http://h:1/score",
+                                          "--reward_stats", str(tmp_path / "reward_stats.json")])
+    assert step3_args.reward_stats(alone, "remote", served) == {"mean": 2.0, "std": 0.5}  # the flag wins

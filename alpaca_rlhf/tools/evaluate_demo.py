@@ -147,12 +147,18 @@ def reward_input_ids(tokenizer, g: Generation, fmt: Optional[ChatFormat] = None)
 def reward_scores(reward_model, tokenizer, generations: Sequence[Generation], batch_size: int = 32,
                   progress: bool = False, fmt: Optional[ChatFormat] = None) -> List[float]:
     """The reward model's end score (value at the last real token) of each prompt + answer."""
+    rows = [reward_input_ids(tokenizer, g, fmt) for g in generations]
+    return end_scores_of_ids(reward_model, tokenizer.pad_token_id, rows, batch_size, progress)
+
+
+def end_scores_of_ids(reward_model, pad_id: int, rows: Sequence[List[int]], batch_size: int = 32,
+                      progress: bool = False) -> List[float]:
+    """The reward model's end score of each row of token ids (right-padded in batches)."""
     device = _device_of(reward_model)
     scores: List[float] = []
     with _eval_mode(reward_model), torch.inference_mode():
-        for chunk in _batches(list(generations), batch_size, "reward", progress):
-            ids, mask = _pad([reward_input_ids(tokenizer, g, fmt) for g in chunk], tokenizer.pad_token_id,
-                             left=False)
+        for chunk in _batches(list(rows), batch_size, "reward", progress):
+            ids, mask = _pad(chunk, pad_id, left=False)
             out = reward_model.forward_value(ids.to(device), mask.to(device))
             scores.extend(out["chosen_end_scores"].float().cpu().tolist())          # (B,)
     return scores
@@ -294,6 +300,11 @@ def _load_causal_lm(path: str, device):
     return create_hf_model(AutoModelForCausalLM, path, tokenizer).to(device).eval(), tokenizer
 
 
+def load_reward_model(path: str, device):
+    """(step-2 reward model in eval mode on `device`, its tokenizer); a missing directory is a UserError."""
+    return _load("reward model", path, lambda p: _load_reward_model(p, device))
+
+
 def _load_reward_model(path: str, device):
     from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import load_tokenizer
     from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_critic_model
@@ -336,7 +347,7 @@ def run(args) -> List[dict]:
     device = default_device()
     rm = rm_tok = rm_stats = rm_fmt = ref = None
     if args.reward_model:
-        rm, rm_tok = _load("reward model", args.reward_model, lambda p: _load_reward_model(p, device))
+        rm, rm_tok = load_reward_model(args.reward_model, device)
         rm_stats = load_reward_stats(args.reward_model)
         rm_fmt = format_for_model(args.reward_model, rm_tok, args.chat_template, args.system_prompt)
     if args.reference_model:

@@ -80,7 +80,9 @@ def main():
     engine = DeepSpeedRLHFEngine(args, tokenizer, step3_args.optimizer_steps(args, iterations.per_epoch))
     ground_truth = (RewardFunction(args.eval_reward_function, "--eval_reward_function")
                     if args.eval_reward_function else None)
-    trainer = PPOTrainer(engine, args, step3_args.reward_stats(args), ptx_batches, ground_truth,
+    served_stats = engine.remote_reward.reward_stats if engine.remote_reward else None
+    reward_stats = [step3_args.reward_stats(args, source, served_stats) for source in args.reward_model_type]
+    trainer = PPOTrainer(engine, args, reward_stats, ptx_batches, ground_truth,
                          stop_token_id=chat_format.stop_token_id)
 
     checkpoints = RunCheckpoints(args, engine.engines, resolved_config(args))

@@ -3,7 +3,7 @@ as small pure functions. Shapes: B rollouts, A answer positions; `mask` (B, A) i
 and including the first EOS. Position i of an answer is the action "emit token i"; its value estimate is
 the critic's output at the token before it.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -24,12 +24,26 @@ def normalize_score(raw: torch.Tensor, ended: torch.Tensor, stats: Optional[dict
                     no_eos_penalty: float = 0.0) -> torch.Tensor:
     """(raw - mean) / std with the reward model's statistics (step 2's reward_stats.json; None: raw), minus
     no_eos_penalty for answers that never ended, clipped to +-clip. raw, ended: (B,)."""
-    score = raw
-    if stats is not None:
-        score = (score - stats["mean"]) / max(stats["std"], 1e-6)
+    score = standardize(raw, stats)
     if no_eos_penalty:
         score = score - no_eos_penalty * (~ended).float()
     return score.clamp(-clip, clip)
+
+
+def standardize(raw: torch.Tensor, stats: Optional[dict]) -> torch.Tensor:
+    """(raw - mean) / std with a reward model's statistics; raw as it is without them."""
+    return raw if stats is None else (raw - stats["mean"]) / max(stats["std"], 1e-6)
+
+
+def combine_scores(raw: torch.Tensor, stats: Sequence[Optional[dict]], weights: Sequence[float]) -> torch.Tensor:
+    """The weighted sum over reward sources of each source's score, (raw - mean) / std where the source has
+    statistics (a reward model's), raw otherwise (a function's, a classifier's). raw: (B, S) -> (B,)."""
+    total = None
+    for s, (source_stats, weight) in enumerate(zip(stats, weights)):
+        score = standardize(raw[:, s], source_stats)
+        score = score if weight == 1.0 else weight * score
+        total = score if total is None else total + score
+    return total
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     1. generate      sample answers to left-padded prompts (dropout off, LoRA fused for speed)
     2. cut at EOS    everything after the first EOS becomes padding; action mask up to and incl. the EOS
-    3. score         reward model at the last real token, normalised with step 2's statistics, clipped
+    3. score         each reward source (a reward model's value at the last real token, a function, a server),
+                     normalised (step 2's statistics), weighted (--reward_weights), summed, clipped
     4. KL reward     per-token -kl_coef * KL(actor || reference), the score added at the final action
     5. whiten        optionally whiten the rewards (--whiten_rewards)
     6. GAE           advantages and returns from the critic's values (gamma, lambda)
@@ -44,9 +45,9 @@ from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_l
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import any_rank, get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
-    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, compute_gae, compute_rewards,
-    critic_free_advantages, cut_at_eos, explained_variance, kl_penalty, masked_whiten, normalize_score,
-    ppo_policy_loss)
+    AdaptiveKLController, FixedKLController, aggregate_loss, clipped_value_loss, combine_scores, compute_gae,
+    compute_rewards, critic_free_advantages, cut_at_eos, explained_variance, kl_penalty, masked_whiten,
+    normalize_score, ppo_policy_loss)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Rollout:
     action_mask: torch.Tensor     # (B, A) float, 1 on answer tokens up to and including the first EOS
     ref_logprobs: torch.Tensor    # (B, A) log pi_ref(answer token)
     score: torch.Tensor           # (B,) normalised, clipped reward-model score (+ no-EOS penalty)
-    raw_score: torch.Tensor       # (B,) the reward model's score as it came
+    raw_score: torch.Tensor       # (B, S) each reward source's score as it came
     ended: torch.Tensor           # (B,) bool, the answer emitted an EOS
     prompt_length: int
     # the actor's linear maps during generation, replayed by the first training forward (or None)
@@ -80,7 +81,7 @@ class Rollout:
 
 
 class PPOTrainer:
-    def __init__(self, engine, args, reward_stats: Optional[dict] = None, ptx_batches=None,
+    def __init__(self, engine, args, reward_stats: Optional[List[Optional[dict]]] = None, ptx_batches=None,
                  ground_truth: Optional[Callable] = None, stop_token_id: Optional[int] = None):
         self.engine, self.args = engine, args
         self.actor, self.critic = engine.actor, engine.critic
@@ -90,7 +91,8 @@ class PPOTrainer:
         self.pad = self.tokenizer.pad_token_id
         # -1 (never sampled) with --ignore_eos
         self.stop = -1 if args.ignore_eos else self.eos
-        self.reward_stats = reward_stats  # {"mean", "std"} or None (no normalisation)
+        # per --reward_model_type source: {"mean", "std"} to normalise its scores with, or None (raw scores)
+        self.reward_stats = reward_stats or [None] * len(args.reward_model_type)
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
                        else FixedKLController(args.kl_coef))
         self.ptx_batches = ptx_batches    # iterator of SFT batches for PTX mixing, or None
@@ -174,9 +176,18 @@ class PPOTrainer:
         attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return seq, attention_mask, action_mask, ended
 
+    def combined_score(self, raw: torch.Tensor) -> torch.Tensor:
+        """The sources' scores (B, S) as one (B,): with one source its raw score, with several the weighted sum
+        of their normalised scores (--reward_weights)."""
+        if raw.size(1) == 1:
+            return raw[:, 0]
+        return combine_scores(raw, self.reward_stats, self.args.reward_weights)
+
     def normalize_score(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-        """Step 3 (after the reward model): normalised with step 2's statistics, clipped, no-EOS penalty."""
-        return normalize_score(raw, ended, self.reward_stats, self.args.reward_clip, self.args.no_eos_penalty)
+        """Step 3 (after the reward sources, raw (B, S)): each source normalised with its statistics (step 2's
+        for a reward model), weighted and summed, no-EOS penalty, clipped. -> (B,)"""
+        combined = combine_scores(raw, self.reward_stats, self.args.reward_weights)
+        return normalize_score(combined, ended, None, self.args.reward_clip, self.args.no_eos_penalty)
 
     @torch.no_grad()
     def make_experience(self, prompts: torch.Tensor, prompt_mask: torch.Tensor):
@@ -204,7 +215,7 @@ class PPOTrainer:
             return None, {"time/generate": t_gen}
         seq, attention_mask, action_mask, ended = self.cut_at_eos(seq, prompt_mask)           # 2. cut at EOS
         t1 = time.time()
-        raw_score = self.engine.reward_scores(seq, attention_mask, P)                         # 3. score
+        raw_score = self.engine.reward_scores(seq, attention_mask, P, ended)                  # 3. score
         if any_rank(not bool(torch.isfinite(raw_score).all()), self.device):  # a reward function's NaN, say
             self.nonfinite_skipped += 1
             print_rank_0(f"warning: non-finite rewards; batch skipped on every rank ({self.nonfinite_skipped} so far)")
@@ -318,13 +329,17 @@ class PPOTrainer:
         extra = {}
         if self.ground_truth is not None:  # the sampled answers' true quality, next to the reward model's opinion
             extra["reward/ground_truth"] = self.ground_truth(*self.decode(r.seq, r.prompt_length)).mean().item()
+        if r.raw_score.size(1) > 1:  # several sources: each one's own mean
+            for s, source in enumerate(self.args.reward_model_type):
+                extra[f"reward/raw_{source}"] = r.raw_score[:, s].mean().item()
         if self.critic is not None:
             extra["val/explained_variance"] = explained_variance(r.values, r.returns, mask).item()
             extra["val/mean"] = masked_mean(r.values, mask).item()
         lengths = mask.sum(-1) - r.ended.float()                      # answer tokens without the EOS
         kl_per_seq = (kl_penalty(r.logprobs, r.ref_logprobs, self.args.kl_estimator) * mask).sum(-1)
         return {
-            "reward/score": r.score.mean().item(), "reward/score_raw": r.raw_score.mean().item(),
+            "reward/score": r.score.mean().item(),
+            "reward/score_raw": self.combined_score(r.raw_score).mean().item(),
             "objective/kl": kl_per_seq.mean().item(), "objective/kl_coef": self.kl_ctl.value,
             "objective/entropy": masked_mean(-r.logprobs, mask).item(),  # sampled-token estimate, per token
             "gen/response_len": lengths.mean().item(), "gen/response_len_min": lengths.min().item(),
@@ -370,13 +385,13 @@ class PPOTrainer:
             seq, _, _ = self.generate(prompts, prompt_mask, do_sample=False)
             seq, attention_mask, action_mask, ended = self.cut_at_eos(seq, prompt_mask)
             P = prompt_mask.size(1)
-            raw = self.engine.reward_scores(seq, attention_mask, P)
+            raw = self.engine.reward_scores(seq, attention_mask, P, ended)
             logprobs = answer_log_probs(self.actor.module, seq, attention_mask, P)
             with self.engine.reference_context():
                 ref = answer_log_probs(self.engine.reference_model, seq, attention_mask, P)
             lengths = action_mask.sum(-1) - ended.float()
             prompt_texts, answers = self.decode(seq, P)
-            batch_sums = {"reward": raw.sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
+            batch_sums = {"reward": self.combined_score(raw).sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
                           "kl_to_reference": ((logprobs - ref) * action_mask).sum().item(),
                           "response_len": lengths.sum().item(), "empty_frac": (lengths == 0).sum().item(),
                           "no_eos_frac": (~ended).sum().item(), "count": float(len(answers))}
@@ -384,7 +399,7 @@ class PPOTrainer:
                 batch_sums["ground_truth"] = self.ground_truth(prompt_texts, answers).sum().item()
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
-            samples.extend(zip(prompt_texts, answers, raw.tolist()))
+            samples.extend(zip(prompt_texts, answers, self.combined_score(raw).tolist()))
         keys = sorted(sums)
         totals = dict(zip(keys, get_all_reduce_mean(torch.tensor([sums[k] for k in keys], device=self.device,
                                                                   dtype=torch.float64)).tolist()))

@@ -1,8 +1,8 @@
 """The four (five) models of PPO as DeepSpeed engines.
 
     actor  (trained)  <- step-1 model        reference (frozen) <- step-1 model
-    critic (trained)  <- step-2 reward model reward    (frozen) <- step-2 reward model (or a classifier,
-                                                                   or a reward function)
+    critic (trained)  <- step-2 reward model reward    (frozen) <- step-2 reward model, and/or a classifier,
+                                                                   a reward function, a reward server
     ema    (optional, EMA of the actor)
 
 The critic exists for --advantage_estimator gae only: the critic-free estimators (GRPO, RLOO, REINFORCE++)
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.remote_reward import RemoteReward
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.reward_function import RewardFunction
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import end_scores, last_token_index
@@ -76,33 +77,37 @@ class DeepSpeedRLHFEngine:
                                   tokenizer, actor_config, None, args.trust_remote_code, args.dtype)
             self.ref = init_frozen_engine(ref, args, self.actor_spec.zero_stage, args.offload_reference_model)
 
-        # the critic (GAE only) and the reward: a step-2 model, a classifier or a function
-        self.critic, self.reward, self.reward_head = None, None, None
+        # the reward sources (--reward_model_type: a step-2 model, a classifier, a function, a reward server)
+        # and the critic (GAE only)
+        sources = args.reward_model_type
+        self.critic, self.reward_model, self.reward_head = None, None, None
+        self.classifier = (ClassifierReward(args.reward_model_name_or_path, args.reward_label, tokenizer,
+                                            args.trust_remote_code).to(args.device) if "classifier" in sources else None)
+        self.reward_function = RewardFunction(args.reward_function) if "function" in sources else None
+        self.remote_reward = (RemoteReward(args.reward_url, args.reward_timeout, args.reward_retries)
+                              if "remote" in sources else None)
+        print_rank_0("reward: " + " + ".join(f"{w:g} x {s}" for s, w in zip(sources, args.reward_weights)) +
+                     (f" ({args.reward_function})" if self.reward_function else "") +
+                     (f" (server {args.reward_url}: {self.remote_reward.info.get('model')})" if self.remote_reward
+                      else ""))
         critic_config = train_ds_config(self.critic_spec, args, micro, gas)
-        if args.reward_model_type == "classifier":
-            self.reward = ClassifierReward(args.reward_model_name_or_path, args.reward_label, tokenizer,
-                                           args.trust_remote_code).to(args.device)
-        elif args.reward_model_type == "function":
-            self.reward = RewardFunction(args.reward_function)
-            print_rank_0(f"reward: {args.reward_function}(prompts, answers)")
         if args.advantage_estimator != "gae":
             print_rank_0(f"no critic: --advantage_estimator {args.advantage_estimator} takes its baseline from the "
                          f"rewards (no value model, no critic optimizer)")
-            if args.reward_model_type == "reward_model":
-                self.reward = self._frozen_reward_model(critic_config)
+            if "reward_model" in sources:
+                self.reward_model = self._frozen_reward_model(critic_config)
             return
         critic = create_critic_model(args.critic_model_name_or_path, tokenizer, critic_config,
                                      args.num_padding_at_beginning, args.critic_dropout, args.compute_fp32_loss,
                                      trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         apply_lora(critic, self.critic_spec, force_optimize_params=["v_head"])
-        if args.reward_model_type == "reward_model" and shares_base(self.critic_spec) \
-                and not args.reward_model_name_or_path:
+        if "reward_model" in sources and shares_base(self.critic_spec) and not args.reward_model_name_or_path:
             # A frozen copy of the starting head (a few KB): the critic's head is trained, the reward's is not.
             # Kept in float32 (the head computes in float32 anyway; DeepSpeed casts only the engines' modules).
             self.reward_head = copy.deepcopy(critic.v_head).requires_grad_(False).float().to(args.device)
             print_rank_0("reward model: the critic's decoder with LoRA switched off + the step-2 head (shared)")
-        elif args.reward_model_type == "reward_model":
-            self.reward = self._frozen_reward_model(critic_config)
+        elif "reward_model" in sources:
+            self.reward_model = self._frozen_reward_model(critic_config)
         self.critic = init_engine(critic, self.critic_spec, args, critic_config, total_steps)
 
     def _frozen_reward_model(self, ds_config):
@@ -128,23 +133,37 @@ class DeepSpeedRLHFEngine:
         return self.actor.module if self.ref is None else self.ref.module
 
     @torch.no_grad()
-    def reward_scores(self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
-        """The reward model's score of each sequence: its value at the last real token. (B, L) -> (B,)"""
-        if isinstance(self.reward, ClassifierReward):
-            return self.reward(seq, attention_mask, prompt_length)
-        if isinstance(self.reward, RewardFunction):
-            prompts = self.tokenizer.batch_decode(seq[:, :prompt_length], skip_special_tokens=True)
-            answers = self.tokenizer.batch_decode(seq[:, prompt_length:], skip_special_tokens=True)
-            return self.reward(prompts, answers).to(seq.device)
+    def reward_scores(self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                      ended: torch.Tensor) -> torch.Tensor:
+        """Each --reward_model_type source's raw score of each sequence, in the flag's order. seq, attention_mask
+        (B, L), the answers from column prompt_length on; ended (B,) bool: the answer emitted its EOS. -> (B, S)"""
+        texts = None
+        if self.reward_function is not None or self.remote_reward is not None:  # the text sources' input
+            texts = (self.tokenizer.batch_decode(seq[:, :prompt_length], skip_special_tokens=True),
+                     self.tokenizer.batch_decode(seq[:, prompt_length:], skip_special_tokens=True))
+        columns = []
+        for source in self.args.reward_model_type:
+            if source == "reward_model":
+                columns.append(self._reward_model_scores(seq, attention_mask, prompt_length))
+            elif source == "classifier":
+                columns.append(self.classifier(seq, attention_mask, prompt_length))
+            elif source == "function":
+                columns.append(self.reward_function(*texts).to(seq.device))
+            else:
+                columns.append(self.remote_reward(*texts, ended.tolist()).to(seq.device))
+        return torch.stack(columns, dim=1)
+
+    def _reward_model_scores(self, seq, attention_mask, prompt_length):
+        """The step-2 model's end score: its value at each row's last real token. (B, L) -> (B,)"""
         # only each row's last real token is read: the last decoder layer runs from the earliest of them on
         start = int(last_token_index(attention_mask).min())
-        if self.reward is None:
+        if self.reward_model is None:
             critic = self.critic.module
             with lora_disabled(critic):
                 hidden = critic.hidden_states(seq, attention_mask, from_position=start)   # (B, L - start, H)
             return end_scores(self.reward_head(hidden), attention_mask, start)
-        return self.reward.module.forward_value(seq, attention_mask, prompt_length=prompt_length,
-                                                from_position=start)["chosen_end_scores"].float()
+        return self.reward_model.module.forward_value(seq, attention_mask, prompt_length=prompt_length,
+                                                      from_position=start)["chosen_end_scores"].float()
 
     # ------------------------------------------------------------------------------------------- EMA
     def _make_ema(self, actor: nn.Module) -> nn.Module:

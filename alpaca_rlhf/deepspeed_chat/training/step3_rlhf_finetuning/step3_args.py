@@ -4,12 +4,15 @@ import argparse
 import json
 import math
 import os
+from typing import Optional
 
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import CRITIC_FREE, LOSS_AGGREGATIONS
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.ds_utils import on_cpu
 from alpaca_rlhf.deepspeed_chat.training.utils.errors import ConfigError
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import print_rank_0
+
+REWARD_SOURCES = ["reward_model", "classifier", "function", "remote"]
 
 
 def parse_args(argv=None):
@@ -30,10 +33,23 @@ def parse_args(argv=None):
     cli.add_nonfinite_args(p)
     m = p.add_argument_group("reward")
     m.add_argument("--num_padding_at_beginning", type=int, default=0, help="OPT: 1, LLaMA: 0 (see step 2).")
-    m.add_argument("--reward_model_type", choices=["reward_model", "model", "classifier", "function"],
-                   default="reward_model",
-                   help="reward_model (or model): a step-2 model's end score; classifier: a sequence classifier's "
-                        "logit; function: --reward_function's score of each answer (a verifiable reward).")
+    m.add_argument("--reward_model_type", nargs="+", choices=REWARD_SOURCES + ["model"], default=["reward_model"],
+                   metavar="SOURCE",
+                   help="Where rewards come from, one or more of: reward_model (or model): a step-2 model's end "
+                        "score; classifier: a sequence classifier's logit; function: --reward_function's score of "
+                        "each answer (a verifiable reward); remote: a reward server at --reward_url. Several sources "
+                        "are summed with --reward_weights. Default reward_model.")
+    m.add_argument("--reward_weights", nargs="+", type=float, default=None, metavar="W",
+                   help="One weight per --reward_model_type source: the score trained on is the weighted sum of the "
+                        "sources' scores (a reward model's normalised with its reward_stats first). Default 1 each.")
+    m.add_argument("--reward_url", type=str, default=None,
+                   help="With --reward_model_type remote: http://HOST:PORT/score of `python -m "
+                        "alpaca_rlhf.tools.reward_server --model DIR` (its reward_stats normalise the scores).")
+    m.add_argument("--reward_timeout", type=float, default=60.0,
+                   help="Seconds to wait for the reward server's answer to one request. Default 60.")
+    m.add_argument("--reward_retries", type=int, default=3,
+                   help="Tries after the first when the reward server does not answer (pauses of 1, 2, 4 ... s); "
+                        "then the run stops with the reason. Default 3.")
     m.add_argument("--reward_function", type=str, default=None,
                    help="With --reward_model_type function: path/to/file.py:name or package.module:name, called as "
                         "name(prompts, answers) -> one float per answer (e.g. alpaca_rlhf.tools.demo_task:reward).")
@@ -178,8 +194,6 @@ def check(args):
     check_estimator_args(args)
     if args.enable_test_mode and args.test_stop_step < 1:
         raise ConfigError("--enable_test_mode needs --test_stop_step N (N >= 1)")
-    if args.reward_model_type == "classifier" and not args.reward_model_name_or_path:
-        raise ConfigError("--reward_model_type classifier needs --reward_model_name_or_path")
     if args.kl_target is not None and args.kl_target <= 0:
         raise ConfigError(f"--kl_target must be positive, got {args.kl_target}")
     if args.enable_hybrid_engine and args.actor_lora_dim > 0:
@@ -203,8 +217,6 @@ def check(args):
 
 def check_estimator_args(args):
     """The critic (only GAE has one), the reward source and the group size fit the estimator."""
-    if args.reward_model_type == "model":
-        args.reward_model_type = "reward_model"
     estimator, k = args.advantage_estimator, args.n_samples_per_prompt
     if estimator == "gae" and not args.critic_model_name_or_path:
         raise ConfigError("--advantage_estimator gae (PPO) trains a critic: give --critic_model_name_or_path "
@@ -212,15 +224,38 @@ def check_estimator_args(args):
     if estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and k < 2:
         raise ConfigError(f"--advantage_estimator {estimator} compares the answers to one prompt: it needs "
                           f"--n_samples_per_prompt of at least 2, got {k}")
-    if args.reward_model_type == "function" and not args.reward_function:
-        raise ConfigError("--reward_model_type function needs --reward_function path/to/file.py:name")
-    if args.reward_function and args.reward_model_type != "function":
-        raise ConfigError("--reward_function is used with --reward_model_type function")
-    if args.reward_model_type == "reward_model" and not (args.reward_model_name_or_path
-                                                         or args.critic_model_name_or_path):
-        raise ConfigError("the reward model: give --reward_model_name_or_path (or --critic_model_name_or_path)")
     if args.loss_agg is None:
         args.loss_agg = "seq_mean_token_sum_norm" if estimator == "dr_grpo" else "token_mean"
+    check_reward_sources(args)
+
+
+def check_reward_sources(args):
+    """Each --reward_model_type source once, with what it needs, and one weight per source."""
+    sources = ["reward_model" if s == "model" else s for s in args.reward_model_type]
+    if len(set(sources)) < len(sources):
+        raise ConfigError(f"--reward_model_type {' '.join(args.reward_model_type)}: name each source once")
+    args.reward_model_type = sources
+    weights = args.reward_weights or [1.0] * len(sources)
+    if len(weights) != len(sources) or not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--reward_weights: expected {len(sources)} finite number(s), one per --reward_model_type "
+                          f"source ({' '.join(sources)}), got {' '.join(map(str, weights))}")
+    args.reward_weights = weights
+    needs = {"function": ("reward_function", "--reward_function path/to/file.py:name"),
+             "remote": ("reward_url", "--reward_url http://HOST:PORT/score"),
+             "classifier": ("reward_model_name_or_path", "--reward_model_name_or_path DIR")}
+    for source, (attr, flag) in needs.items():
+        if source in sources and not getattr(args, attr):
+            raise ConfigError(f"--reward_model_type {source} needs {flag}")
+    for attr, source in (("reward_function", "function"), ("reward_url", "remote")):
+        if getattr(args, attr) and source not in sources:
+            raise ConfigError(f"--{attr} is used with --reward_model_type {source}")
+    if "reward_model" in sources and not (args.reward_model_name_or_path or args.critic_model_name_or_path):
+        raise ConfigError("the reward model: give --reward_model_name_or_path (or --critic_model_name_or_path)")
+    if "remote" in sources and (args.chat_template != "alpaca" or args.system_prompt):
+        raise ConfigError("--reward_model_type remote sends prompts as text in the default format (alpaca, no "
+                          "system prompt); with --chat_template or --system_prompt score with a local reward model")
+    if args.reward_timeout <= 0 or args.reward_retries < 0:
+        raise ConfigError("--reward_timeout must be positive and --reward_retries at least 0")
 
 
 def optimizer_steps(args, iterations_per_epoch: int) -> int:
@@ -234,11 +269,17 @@ def optimizer_steps(args, iterations_per_epoch: int) -> int:
     return max(1, per_iteration * iterations)
 
 
-def reward_stats(args):
-    """{'mean', 'std'} to normalise scores with: --reward_stats, else step 2's reward_stats.json next to the
-    reward model, else None (raw scores, with a warning)."""
-    if args.no_reward_normalization or args.reward_model_type in ("classifier", "function"):
+def reward_stats(args, source: str = "reward_model", served: Optional[dict] = None):
+    """{'mean', 'std'} to normalise a source's scores with, or None (raw scores). A reward model's: --reward_stats,
+    else step 2's reward_stats.json next to it (a warning without one). A reward server's: --reward_stats when no
+    local reward model claims it, else `served`, what the server sent (its model's reward_stats.json)."""
+    if args.no_reward_normalization or source in ("classifier", "function"):
         return None
+    if source == "remote" and not (args.reward_stats and "reward_model" not in args.reward_model_type):
+        if served is None:
+            print_rank_0(f"warning: the reward server at {args.reward_url} has no reward_stats; its scores are not "
+                         f"normalised")
+        return served
     path = args.reward_stats or os.path.join(args.reward_model_name_or_path or args.critic_model_name_or_path,
                                              "reward_stats.json")
     if not os.path.exists(path):
