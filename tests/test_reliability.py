@@ -185,17 +185,17 @@ import torch
 from alpaca_rlhf.deepspeed_chat.training.step1_supervised_finetuning import main as step1
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import run_cli
 
-real_loss, calls = step1.causal_lm_loss, [0]
+real_log_probs, calls = step1.answer_log_probs, [0]
 
-def loss(logits, labels, fp32=False):  # NaN on rank 1 in its 2nd and 3rd training micro-batches
-    value = real_loss(logits, labels, fp32)
+def log_probs(engine, batch, args):  # NaN on rank 1 in its 2nd and 3rd training micro-batches
+    value = real_log_probs(engine, batch, args)
     if torch.is_grad_enabled():
         calls[0] += 1
         if torch.distributed.get_rank() == 1 and calls[0] in (2, 3):
             return value * float("nan")
     return value
 
-step1.causal_lm_loss = loss
+step1.answer_log_probs = log_probs
 run_cli(step1.main)
 """
 

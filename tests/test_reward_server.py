@@ -93,7 +93,7 @@ def test_the_server_scores_like_the_local_reward_model_and_fails_clearly(reward_
         client(prompts[:1], ANSWERS[:1], [True])
 
 
-# Scores answers by length and, in rank 0's 2nd rollout (8 answers; evaluations send 2), kills the reward server
+# Scores answers by length and, in the 2nd rollout (8 answers; evaluations send 2), kills the reward server
 # whose pid the test wrote next to it: the run's next request to the server finds nobody there.
 KILLING_REWARD = '''
 import os, signal
@@ -123,7 +123,7 @@ def test_a_run_whose_reward_server_dies_stops_and_resumes(reward_run, tmp_path):
     args[args.index("--save_interval") + 1] = 1
     args[args.index("--test_stop_step") + 1] = 3
     try:
-        died = run_launcher(STEP3, args, check=False)
+        died = run_launcher(STEP3, args, num_gpus=1, check=False)
         assert died.returncode != 0
         line = rf"error(?: \(rank \d\))?: --reward_url {re.escape(url)}: no answer after 2 tries"
         assert re.search(line, died.stderr), died.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_a_run_whose_reward_server_dies_stops_and_resumes(reward_run, tmp_path):
         server.wait()
         os.remove(tmp_path / "server.pid")
         server, _ = start_server(critic, port=url.split(":")[-1].split("/")[0])  # back, same address
-        resumed = run_launcher(STEP3, args)
+        resumed = run_launcher(STEP3, args, num_gpus=1)
         assert "resumed from" in resumed.stdout
     finally:
         server.send_signal(signal.SIGKILL)

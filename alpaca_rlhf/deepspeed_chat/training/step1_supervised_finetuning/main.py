@@ -22,8 +22,9 @@ from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorSFT, supervised_loaders
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
-from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, causal_lm_loss,
-                                                                        tokenizer_from_args, save_hf_format)
+from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, tokenizer_from_args,
+                                                                        save_hf_format)
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
 
@@ -38,15 +39,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def evaluate_perplexity(engine, loader, fp32_loss: bool):
+def answer_log_probs(engine, batch, args) -> torch.Tensor:
+    """log pi of each labelled token (the answers), 0 elsewhere: (B, T)."""
+    return scored_token_log_probs(engine, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                                  args.packing, args.logits_chunk)
+
+
+def labelled_tokens(batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum()  # (the first token has no prediction)
+
+
+def evaluate_perplexity(engine, loader, args):
     """Token-weighted mean loss over the eval split (all ranks) and its exponential."""
     total = torch.zeros(2, device=engine.device)  # [sum of token losses, number of tokens]
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            n = (batch["labels"][:, 1:] != -100).sum()
-            total += torch.stack([causal_lm_loss(logits, batch["labels"], fp32_loss).float() * n, n.float()])
+            total += torch.stack([-answer_log_probs(engine, batch, args).sum(), labelled_tokens(batch).float()])
     token_loss, tokens = get_all_reduce_mean(total).tolist()
     loss = token_loss / max(tokens, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -63,12 +72,10 @@ def main():
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
 
-    def sft_loss(batch):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return causal_lm_loss(logits, batch["labels"], args.compute_fp32_loss), {}
+    def sft_loss(batch):  # mean next-token cross entropy over the answer tokens
+        return -answer_log_probs(engine, batch, args).sum() / labelled_tokens(batch).clamp(min=1), {}
 
-    history = train_loop(engine, train_loader, sft_loss,
-                         lambda: evaluate_perplexity(engine, eval_loader, args.compute_fp32_loss),
+    history = train_loop(engine, train_loader, sft_loss, lambda: evaluate_perplexity(engine, eval_loader, args),
                          args, desc="step1 sft", run_name="step1_sft")
 
     print_rank_0(f"saving the model to {args.output_dir}")

@@ -22,10 +22,11 @@ import torch
 from alpaca_rlhf.deepspeed_chat.training.utils import args as cli
 from alpaca_rlhf.deepspeed_chat.training.utils.data.data_utils import DataCollatorReward, supervised_loaders
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run_cli, start_run
-from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss, sequence_log_probs
+from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, save_hf_format,
                                                                         tokenizer_from_args)
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import (init_engine_for_loader, init_frozen_engine,
                                                                    prepare_model, shares_base)
@@ -81,12 +82,10 @@ def main():
 
     def dpo_terms(batch):
         """Per-pair DPO losses and implicit rewards for a batch of 2B rows (chosen first, then rejected)."""
-        mask = response_mask(batch)
-        logps = sequence_log_probs(engine(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                   batch["input_ids"], mask)
+        ids, mask, scored = batch["input_ids"], batch["attention_mask"], response_mask(batch)
+        logps = scored_token_log_probs(engine, ids, mask, scored, args.packing, args.logits_chunk).sum(-1)  # (2B,)
         with torch.no_grad(), reference_ctx():
-            ref_logps = sequence_log_probs(reference(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                           batch["input_ids"], mask)
+            ref_logps = scored_token_log_probs(reference, ids, mask, scored, args.packing, args.logits_chunk).sum(-1)
         B = batch["input_ids"].size(0) // 2
         return dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], args.beta, args.label_smoothing)
 

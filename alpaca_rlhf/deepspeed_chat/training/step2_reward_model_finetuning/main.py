@@ -62,7 +62,7 @@ def main():
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
 
     def reward_loss(batch):
-        out = engine(batch["input_ids"], batch["attention_mask"])
+        out = engine(batch["input_ids"], batch["attention_mask"], packing=args.packing)
         accuracy = (out["chosen_mean_scores"] > out["rejected_mean_scores"]).float().mean().item()
         return out["loss"], {"train/accuracy": accuracy}
 
@@ -70,7 +70,8 @@ def main():
 
     def evaluate():
         # The final evaluation's scores give the reward statistics: no second pass over the eval split.
-        metrics, last_scores["chosen"], last_scores["rejected"] = evaluate_pairs(engine, eval_loader, args.eval_iters)
+        metrics, last_scores["chosen"], last_scores["rejected"] = evaluate_pairs(engine, eval_loader,
+                                                                                   args.eval_iters, args.packing)
         return metrics
 
     history = train_loop(engine, train_loader, reward_loss, evaluate, args, desc="step2 reward",

@@ -166,6 +166,14 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
                    help=f"{unit.capitalize()} per rank per micro-batch. Default {train_batch}.")
     g.add_argument("--per_device_eval_batch_size", type=int, default=eval_batch,
                    help=f"Eval {unit} per rank. Default {eval_batch}.")
+    g.add_argument("--packing", type=str2bool, default=True,
+                   help="Run each micro-batch's rows packed into one sequence without padding (position ids restart "
+                        "per row, attention stays within it): the same losses, fewer positions. Where our decoder "
+                        "runs (LLaMA, Mistral, Qwen2 with SDPA/eager attention); other families pad. Default true.")
+    g.add_argument("--logits_chunk", type=int, default=1024,
+                   help="The LM head and log-softmax run only at positions whose next token is scored (answers), "
+                        "this many positions at a time, so the (tokens x vocab) logits never exist whole "
+                        "(0: all at once). Steps 1 and DPO, LLaMA-like families. Default 1024.")
     if with_eval_interval:
         g.add_argument("--eval_interval", type=int, default=0, help="Evaluate every N optimizer steps (0: per epoch).")
         g.add_argument("--eval_iters", type=int, default=0, help="Evaluate on at most N batches (0: all).")
@@ -226,6 +234,7 @@ _DOMAINS = {
     "save_interval": (lambda v: v >= 0, "at least 0 (0: off)"),
     "save_total_limit": (lambda v: v >= 0, "at least 0 (0: keep all)"),
     "dist_timeout": (lambda v: v > 0, "above 0 (minutes)"),
+    "logits_chunk": (lambda v: v >= 0, "at least 0 (0: all positions at once)"),
     "learning_rate": (lambda v: v >= 0, "at least 0"),
     "actor_learning_rate": (lambda v: v >= 0, "at least 0"),
     "critic_learning_rate": (lambda v: v >= 0, "at least 0"),

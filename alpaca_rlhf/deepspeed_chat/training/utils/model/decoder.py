@@ -20,7 +20,7 @@ other than SDPA/eager (flash-attention kernels on GPUs), keep the transformers f
 
 Shapes: B rows, T positions, S = the first position computed by the last layer, H hidden size, D head size.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..losses import gather_log_probs
 from .families import FAMILIES, family_of, plain_layers
 from .families import partitioned as is_partitioned
 from .lean_modules import apply_rotary, rms_norm, swiglu, swiglu_down
@@ -54,7 +55,8 @@ def suffix_start(from_position: int, length: int) -> int:
 
 def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0, replay=None, record=None,
-                    keys_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+                    keys_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                    segments: Optional[Sequence[int]] = None) -> torch.Tensor:
     """The final-normed hidden states (B, T - S, H) of positions S .. T - 1, S = suffix_start(from_position, T).
 
     body: a decoder body that `runs` (LlamaModel, MistralModel, Qwen2Model). input_ids (B, T); attention_mask
@@ -62,18 +64,24 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     replay: a forward_replay.ForwardRecording whose outputs every linear map returns (S >= its prompt length - 1).
     record: a ForwardRecording to write every linear map's output into (the rollout's prompt pass).
     keys_values: a list to append each layer's (keys, values) (B, H_kv, T, D), rotary applied, to.
+    segments: packed rows (utils/data/packing.py): input_ids (1, T) is several rows one after the other, of these
+    lengths, position_ids restart at each; attention stays within each row (causal SDPA per row). No padding, so
+    no attention_mask, and from_position 0.
     Under ZeRO-3 every parameter is used through its module's call, which gathers it."""
     B, T = input_ids.shape
     S = suffix_start(from_position, T)
     if replay is not None and S < replay.prompt_length - 1:
         raise ValueError(f"a replayed forward starts its last layer at the prompt's last position "
                          f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
+    if segments is not None and (attention_mask is not None or S or replay is not None or record is not None):
+        raise ValueError("packed rows (segments) take no attention_mask, from_position, replay or record")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
     partitioned = is_partitioned(body)                                  # ZeRO-3: modules gather their weights
     x = body.embed_tokens(input_ids)                                    # (B, T, H)
     cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
-    mask = _attention_mask(attention_mask, T, S, x.device)
+    # per-row attention of packed rows: each row's [start, end) in the packed sequence
+    mask = _attention_mask(attention_mask, T, S, x.device) if segments is None else _bounds(segments)
     run = _Linears(replay, record, T)
     silu = getattr(body.config, "hidden_act", None) == "silu"
     last = len(body.layers) - 1
@@ -85,6 +93,22 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
         else:
             x = _layer(layer, i, x, cos, sin, mask, start, run, silu, partitioned, keys_values)
     return _norm(body.norm, x, partitioned)
+
+
+def _bounds(segments: Sequence[int]) -> List[Tuple[int, int]]:
+    ends = torch.tensor(list(segments)).cumsum(0).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _attention(q, k, v, mask, start: int, dropout: float, scale: float, gqa: bool) -> torch.Tensor:
+    """SDPA of q (B, nh, T - start, D) over k, v (B, nkv, T, D): under `mask` (a boolean tensor; None: causal), or,
+    for packed rows (mask = their [start, end) bounds, start 0), causal within each row."""
+    if isinstance(mask, list):
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
+                                                         is_causal=True, scale=scale, enable_gqa=gqa)
+                          for a, b in mask], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, start:],
+                                          dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=gqa)
 
 
 def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, device) -> Optional[torch.Tensor]:
@@ -105,7 +129,8 @@ def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, devi
 
 def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int, run: "_Linears", silu: bool,
            partitioned: bool, keys_values) -> torch.Tensor:
-    """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1."""
+    """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1.
+    mask: a boolean attention mask, None (causal), or packed rows' (start, end) bounds (see _attention)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     D = attn.head_dim
@@ -119,9 +144,7 @@ def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int
         keys_values.append((k, v))
     nh, nkv = q.size(1), k.size(1)
     # grouped-query heads read their shared key/value head without the copy repeat_kv makes
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, start:],
-                                       dropout_p=attn.attention_dropout if attn.training else 0.0,
-                                       is_causal=mask is None, scale=attn.scaling, enable_gqa=nkv != nh)
+    a = _attention(q, k, v, mask, start, attn.attention_dropout if attn.training else 0.0, attn.scaling, nkv != nh)
     a = a.transpose(1, 2).reshape(B, T - start, nh * D)               # (B, T-start, nh D)
     x = x[:, start:] + run(i, "o", attn.o_proj, a)
     h = _norm(layer.post_attention_layernorm, x, partitioned)
@@ -180,9 +203,18 @@ class LeanCausalLM:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, from_position: int = 0,
-                replay=None, **kwargs):
+                replay=None, segments=None, target_positions=None, target_ids=None, logits_chunk: int = 0,
+                **kwargs):
+        """As transformers' forward, plus: from_position, replay and segments (see decoder_forward), and, with
+        target_ids, the log-probabilities (M,) of target_ids (M,) as predicted at target_positions (M,) (flat
+        indices into the B x T positions) instead of logits: the final LM head runs at those positions only,
+        logits_chunk at a time (lm_head_log_probs)."""
+        # (a packed sequence's rows are what a sliding window sees, not the whole)
+        longest = max(segments) if segments else (input_ids.size(1) if input_ids is not None else None)
         ours = (input_ids is not None and inputs_embeds is None and labels is None and past_key_values is None
-                and not use_cache and not logits_to_keep and not kwargs and runs(self, input_ids.size(1)))
+                and not use_cache and not logits_to_keep and not kwargs and runs(self, longest))
+        if not ours and (segments is not None or target_ids is not None):
+            raise ValueError("packed rows and answer-only log-probs need decoder_forward (see runs())")
         if not ours:
             if replay is not None:
                 raise ValueError("a replayed forward needs decoder_forward (no cache, no labels, plain layers)")
@@ -193,10 +225,25 @@ class LeanCausalLM:
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         hidden = decoder_forward(self.model, input_ids, attention_mask, position_ids, from_position=from_position,
-                                 replay=replay)                          # (B, T - S, H)
+                                 replay=replay, segments=segments)       # (B, T - S, H)
+        if target_ids is not None:
+            picked = hidden.reshape(-1, hidden.size(-1))[target_positions]  # (M, H)
+            return lm_head_log_probs(self.lm_head, picked, target_ids, logits_chunk)
         logits = (self.lm_head(hidden) if replay is None
                   else replay.replay_logits(self.lm_head, hidden))      # (B, T - S, V)
         return CausalLMOutputWithPast(logits=logits)
+
+
+def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """log softmax(lm_head(hidden))[targets] in float32, (M, H), (M,) -> (M,). With chunk > 0 and M > chunk, the
+    (M, V) logits never exist whole: each chunk's are computed, reduced and dropped, and computed again in the
+    backward (torch checkpoint), so at most (chunk, V) logits are alive at a time."""
+    def piece(h, t):
+        return gather_log_probs(lm_head(h).unsqueeze(0), t.unsqueeze(0)).squeeze(0)
+    if chunk <= 0 or hidden.size(0) <= chunk:
+        return piece(hidden, targets)
+    return torch.cat([checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, hidden.size(0), chunk)])
 
 
 def _lean_class(family) -> type:

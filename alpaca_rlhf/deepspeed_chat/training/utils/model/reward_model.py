@@ -18,7 +18,8 @@ from transformers.utils import logging as hf_logging
 
 from ..losses import end_scores, pairwise_reward_loss, position_ids_from_mask
 from ..utils import all_gather_cat
-from .decoder import body_hidden_states, suffix_start
+from ..data.packing import pack_rows, unpack
+from .decoder import body_hidden_states, decoder_forward, runs, suffix_start
 from .model_utils import create_hf_model
 
 HEAD_KEY = "score.weight"
@@ -69,9 +70,21 @@ class RewardModel(nn.Module):
         """Per-token scalar values in float32, (B, T - S)."""
         return self.v_head(self.hidden_states(input_ids, attention_mask, from_position))
 
-    def forward(self, input_ids, attention_mask, **unused):
-        """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores."""
-        values = self.values(input_ids, attention_mask)
+    def packed_values(self, input_ids, attention_mask) -> torch.Tensor:
+        """values(), computed on the rows packed without padding (utils/data/packing.py): (B, T), 0 on padding."""
+        packed = pack_rows(input_ids, attention_mask)
+        hidden = decoder_forward(self.rwtransformer, packed.input_ids, None, packed.position_ids,
+                                 segments=packed.lengths)                  # (1, N, H)
+        return unpack(self.v_head(hidden), packed)
+
+    def forward(self, input_ids, attention_mask, packing: bool = False, **unused):
+        """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores.
+        packing: chosen and rejected rows in one packed sequence, no padding (where decoder_forward runs); the
+        loss reads no padding position, so it is the same."""
+        if packing and runs(self.rwtransformer, input_ids.size(1)):
+            values = self.packed_values(input_ids, attention_mask)
+        else:
+            values = self.values(input_ids, attention_mask)
         B = input_ids.size(0) // 2
         loss, chosen, rejected = pairwise_reward_loss(values[:B], values[B:], input_ids[:B], input_ids[B:],
                                                       attention_mask[:B], attention_mask[B:], self.loss_type)
@@ -155,7 +168,7 @@ SHORT_ANSWER_TOKENS = 3  # "empty or very short": at most this many answer token
 
 
 @torch.no_grad()
-def evaluate_pairs(model, loader, eval_iters: int = 0):
+def evaluate_pairs(model, loader, eval_iters: int = 0, packing: bool = False):
     """Pairwise accuracy, mean chosen/rejected end scores and margin over all ranks, plus the accuracy on
     pairs whose rejected answer is empty or very short (a reward model that likes those makes PPO collapse).
     Returns (metrics, chosen scores, rejected scores) with the score tensors gathered from every rank."""
@@ -165,7 +178,7 @@ def evaluate_pairs(model, loader, eval_iters: int = 0):
         if eval_iters and i >= eval_iters:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch["input_ids"], batch["attention_mask"])
+        out = model(batch["input_ids"], batch["attention_mask"], packing=packing)
         B = batch["input_ids"].size(0) // 2
         answer_len = batch["attention_mask"][B:].sum(-1) - batch["prompt_lens"][B:]
         chosen.append(out["chosen_mean_scores"].float())

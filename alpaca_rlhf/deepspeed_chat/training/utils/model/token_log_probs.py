@@ -1,0 +1,43 @@
+"""The log-probabilities steps 1 and DPO train on, computed where they are read.
+
+`scored_token_log_probs` gives log pi(token j | tokens before j) for the tokens a loss scores (an SFT example's
+answer, a DPO pair's responses). On the LLaMA-like families (decoder.runs) the rows of the micro-batch are packed
+without padding (--packing, utils/data/packing.py) and the final LM head and log-softmax run only at the positions
+that predict a scored token, --logits_chunk at a time (decoder.lm_head_log_probs): the (tokens x vocab) logits of
+prompt and padding positions, which the loss would throw away, are never computed. Other families (OPT, GPT-2,
+flash-attention kernels) take the transformers forward over the padded batch and the full logits; the numbers are
+the same either way (tests/test_packing.py).
+"""
+import torch
+
+from ..data.packing import pack_rows, packed_position
+from ..losses import gather_log_probs
+from .decoder import LeanCausalLM, runs
+
+
+def scored_token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                           packing: bool = True, logits_chunk: int = 0) -> torch.Tensor:
+    """log pi(input_ids[b, j] | input_ids[b, :j]) where score_mask[b, j] is 1 (j >= 1), 0 elsewhere: (B, T).
+
+    model: a causal LM or its DeepSpeed engine; input_ids, attention_mask, score_mask (B, T), rows right-padded."""
+    B, T = input_ids.shape
+    scored = score_mask.bool().clone()
+    scored[:, 0] = False                                                # the first token has no prediction
+    lean = isinstance(getattr(model, "module", model), LeanCausalLM) and runs(getattr(model, "module", model), T)
+    if not lean:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits           # (B, T, V)
+        logp = gather_log_probs(logits[:, :-1], input_ids[:, 1:])                           # (B, T-1): token j+1
+        return torch.nn.functional.pad(logp, (1, 0)) * scored.to(logp.dtype)
+    token = scored.reshape(-1).nonzero().squeeze(-1)                    # (M,) flat (b, j) of the scored tokens
+    predictor = token - 1                                               # (b, j - 1): the position predicting it
+    targets = input_ids.reshape(-1)[token]
+    if packing:
+        packed = pack_rows(input_ids, attention_mask)
+        logp = model(input_ids=packed.input_ids, position_ids=packed.position_ids, segments=packed.lengths,
+                     target_positions=packed_position(packed)[predictor], target_ids=targets,
+                     logits_chunk=logits_chunk)                          # (M,)
+    else:
+        logp = model(input_ids=input_ids, attention_mask=attention_mask, target_positions=predictor,
+                     target_ids=targets, logits_chunk=logits_chunk)      # (M,)
+    out = logp.new_zeros(B * T)
+    return out.index_put((token,), logp).view(B, T)
