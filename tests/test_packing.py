@@ -8,7 +8,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2Model)
 
-from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_rows, packed_position, unpack
+from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_pairs, pack_rows, unpack
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss, sequence_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import LEAN_CAUSAL_LM
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
@@ -56,12 +56,21 @@ def _assert_same_grads(want, got):
 def test_pack_and_unpack_keep_each_row_and_restart_positions():
     ids, mask, _ = _batch(rows=(3, 5, 1), prompts=(1, 2, 0))
     packed = pack_rows(ids, mask)
-    assert packed.lengths == [3, 5, 1] and packed.input_ids.shape == (1, 9)
+    assert [(s, e) for s, e, _ in packed.blocks] == [(0, 3), (3, 8), (8, 9)] and packed.input_ids.shape == (1, 9)
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0]]
     assert packed.input_ids[0, 3:8].tolist() == ids[1].tolist()
     assert torch.equal(unpack(packed.input_ids.float(), packed), (ids * mask).float())
-    where = packed_position(packed)
-    assert where.view(3, 5)[1].tolist() == [3, 4, 5, 6, 7] and where.view(3, 5)[2].tolist() == [8, -1, -1, -1, -1]
+    where = packed.source.view(3, 5)
+    assert where[1].tolist() == [3, 4, 5, 6, 7] and where[2].tolist() == [8, -1, -1, -1, -1]
+
+
+def test_a_pair_shares_its_common_prefix():
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])                # chosen, rejected: prefix 5 6
+    packed = pack_pairs(ids, (ids > 0).long())
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9]] and packed.position_ids.tolist() == [[0, 1, 2, 3, 2]]
+    (start, end, allowed), = packed.blocks
+    assert (start, end) == (0, 5) and not allowed[4, 2] and not allowed[4, 3] and allowed[4, 1] and allowed[4, 4]
+    assert torch.equal(unpack(packed.input_ids.float(), packed), ids.float())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -127,7 +127,8 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
             if reached_limit():
                 done = True
                 break
-        run_eval(engine.global_steps, f"after epoch {epoch + 1}")
+        if not history or history[-1]["step"] != engine.global_steps:  # (--eval_interval may have just evaluated)
+            run_eval(engine.global_steps, f"after epoch {epoch + 1}")
         if done:
             break
     bar.close()

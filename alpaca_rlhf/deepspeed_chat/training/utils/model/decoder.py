@@ -56,7 +56,7 @@ def suffix_start(from_position: int, length: int) -> int:
 def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0, replay=None, record=None,
                     keys_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                    segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+                    segments: Optional[Sequence[Tuple[int, int, Optional[torch.Tensor]]]] = None) -> torch.Tensor:
     """The final-normed hidden states (B, T - S, H) of positions S .. T - 1, S = suffix_start(from_position, T).
 
     body: a decoder body that `runs` (LlamaModel, MistralModel, Qwen2Model). input_ids (B, T); attention_mask
@@ -64,9 +64,10 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     replay: a forward_replay.ForwardRecording whose outputs every linear map returns (S >= its prompt length - 1).
     record: a ForwardRecording to write every linear map's output into (the rollout's prompt pass).
     keys_values: a list to append each layer's (keys, values) (B, H_kv, T, D), rotary applied, to.
-    segments: packed rows (utils/data/packing.py): input_ids (1, T) is several rows one after the other, of these
-    lengths, position_ids restart at each; attention stays within each row (causal SDPA per row). No padding, so
-    no attention_mask, and from_position 0.
+    segments: packed rows (utils/data/packing.py): input_ids (1, T) is several rows one after the other, position
+    ids restart at each, and attention stays within each (start, end, mask) block of the sequence: causal, or
+    under the block's own boolean mask (a reward pair sharing its prefix). No padding, so no attention_mask, and
+    from_position 0.
     Under ZeRO-3 every parameter is used through its module's call, which gathers it."""
     B, T = input_ids.shape
     S = suffix_start(from_position, T)
@@ -80,8 +81,8 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     partitioned = is_partitioned(body)                                  # ZeRO-3: modules gather their weights
     x = body.embed_tokens(input_ids)                                    # (B, T, H)
     cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
-    # per-row attention of packed rows: each row's [start, end) in the packed sequence
-    mask = _attention_mask(attention_mask, T, S, x.device) if segments is None else _bounds(segments)
+    # packed rows: attention block by block
+    mask = _attention_mask(attention_mask, T, S, x.device) if segments is None else list(segments)
     run = _Linears(replay, record, T)
     silu = getattr(body.config, "hidden_act", None) == "silu"
     last = len(body.layers) - 1
@@ -95,18 +96,14 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     return _norm(body.norm, x, partitioned)
 
 
-def _bounds(segments: Sequence[int]) -> List[Tuple[int, int]]:
-    ends = torch.tensor(list(segments)).cumsum(0).tolist()
-    return list(zip([0] + ends[:-1], ends))
-
-
 def _attention(q, k, v, mask, start: int, dropout: float, scale: float, gqa: bool) -> torch.Tensor:
     """SDPA of q (B, nh, T - start, D) over k, v (B, nkv, T, D): under `mask` (a boolean tensor; None: causal), or,
-    for packed rows (mask = their [start, end) bounds, start 0), causal within each row."""
+    for packed rows (mask = their (start, end, block mask) blocks, start 0), within each block."""
     if isinstance(mask, list):
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
-                                                         is_causal=True, scale=scale, enable_gqa=gqa)
-                          for a, b in mask], dim=2)
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=m,
+                                                         dropout_p=dropout, is_causal=m is None, scale=scale,
+                                                         enable_gqa=gqa)
+                          for a, b, m in mask], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, start:],
                                           dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=gqa)
 
@@ -130,7 +127,7 @@ def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, devi
 def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int, run: "_Linears", silu: bool,
            partitioned: bool, keys_values) -> torch.Tensor:
     """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1.
-    mask: a boolean attention mask, None (causal), or packed rows' (start, end) bounds (see _attention)."""
+    mask: a boolean attention mask, None (causal), or packed rows' blocks (see _attention)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     D = attn.head_dim
@@ -210,7 +207,8 @@ class LeanCausalLM:
         indices into the B x T positions) instead of logits: the final LM head runs at those positions only,
         logits_chunk at a time (lm_head_log_probs)."""
         # (a packed sequence's rows are what a sliding window sees, not the whole)
-        longest = max(segments) if segments else (input_ids.size(1) if input_ids is not None else None)
+        longest = (max(end - start for start, end, _ in segments) if segments
+                   else input_ids.size(1) if input_ids is not None else None)
         ours = (input_ids is not None and inputs_embeds is None and labels is None and past_key_values is None
                 and not use_cache and not logits_to_keep and not kwargs and runs(self, longest))
         if not ours and (segments is not None or target_ids is not None):

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from ..losses import end_scores, pairwise_reward_loss, position_ids_from_mask
 from ..utils import all_gather_cat
-from ..data.packing import pack_rows, unpack
+from ..data.packing import pack_pairs, unpack
 from .decoder import body_hidden_states, decoder_forward, runs, suffix_start
 from .model_utils import create_hf_model
 
@@ -70,19 +70,20 @@ class RewardModel(nn.Module):
         """Per-token scalar values in float32, (B, T - S)."""
         return self.v_head(self.hidden_states(input_ids, attention_mask, from_position))
 
-    def packed_values(self, input_ids, attention_mask) -> torch.Tensor:
-        """values(), computed on the rows packed without padding (utils/data/packing.py): (B, T), 0 on padding."""
-        packed = pack_rows(input_ids, attention_mask)
+    def packed_pair_values(self, input_ids, attention_mask) -> torch.Tensor:
+        """values() of a pair batch (rows [0, B) chosen, [B, 2B) rejected), computed packed without padding, each
+        pair's common prefix once (utils/data/packing.pack_pairs): (2B, T), 0 on padding."""
+        packed = pack_pairs(input_ids, attention_mask)
         hidden = decoder_forward(self.rwtransformer, packed.input_ids, None, packed.position_ids,
-                                 segments=packed.lengths)                  # (1, N, H)
+                                 segments=packed.blocks)                   # (1, N, H)
         return unpack(self.v_head(hidden), packed)
 
     def forward(self, input_ids, attention_mask, packing: bool = False, **unused):
         """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores.
-        packing: chosen and rejected rows in one packed sequence, no padding (where decoder_forward runs); the
-        loss reads no padding position, so it is the same."""
+        packing: the pairs in one packed sequence, no padding, each pair's common prefix computed once (where
+        decoder_forward runs); the loss reads no padding position, so it is the same."""
         if packing and runs(self.rwtransformer, input_ids.size(1)):
-            values = self.packed_values(input_ids, attention_mask)
+            values = self.packed_pair_values(input_ids, attention_mask)
         else:
             values = self.values(input_ids, attention_mask)
         B = input_ids.size(0) // 2

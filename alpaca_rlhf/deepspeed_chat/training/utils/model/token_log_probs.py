@@ -10,7 +10,7 @@ the same either way (tests/test_packing.py).
 """
 import torch
 
-from ..data.packing import pack_rows, packed_position
+from ..data.packing import pack_rows
 from ..losses import gather_log_probs
 from .decoder import LeanCausalLM, runs
 
@@ -33,8 +33,8 @@ def scored_token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch
     targets = input_ids.reshape(-1)[token]
     if packing:
         packed = pack_rows(input_ids, attention_mask)
-        logp = model(input_ids=packed.input_ids, position_ids=packed.position_ids, segments=packed.lengths,
-                     target_positions=packed_position(packed)[predictor], target_ids=targets,
+        logp = model(input_ids=packed.input_ids, position_ids=packed.position_ids, segments=packed.blocks,
+                     target_positions=packed.source[predictor], target_ids=targets,
                      logits_chunk=logits_chunk)                          # (M,)
     else:
         logp = model(input_ids=input_ids, attention_mask=attention_mask, target_positions=predictor,
