@@ -254,8 +254,8 @@ def run_trainer(w) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
         if tokenizer.pad_token is None:  # as our load_tokenizer: LLaMA pads with unk (id 0)
             tokenizer.pad_token = tokenizer.unk_token
-    arguments_class = {"trl_reward": RewardConfig, "trl_packed": SFTConfig, "trl_padded": SFTConfig}.get(
-        w.worker, TrainingArguments)
+    arguments_class = ({"trl_reward": RewardConfig, "trl_packed": SFTConfig, "trl_padded": SFTConfig}[w.worker]
+                       if trl else TrainingArguments)
     extra = (dict(padding_free=w.worker == "trl_packed", packing=False, max_length=None,
                   dataset_kwargs={"skip_prepare_dataset": True}) if w.worker in ("trl_packed", "trl_padded")
              else dict(max_length=None) if w.worker == "trl_reward" else {})

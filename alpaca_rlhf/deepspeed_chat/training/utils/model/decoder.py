@@ -11,7 +11,10 @@ forwards replaced on its modules at run time. Here each one is an argument of a 
 - `replay`: the actor's first training forward after a rollout takes every linear map's output from the rollout
   (forward_replay.py), skipping its matmuls, with the linear maps' own backward;
 - `record` / `keys_values`: the prompt pass of a rollout records those outputs and hands its keys and values to
-  the lean decode step (llama_decoder.py).
+  the lean decode step (llama_decoder.py);
+- `segments`: a micro-batch's rows packed into one sequence without padding, attention block by block
+  (utils/data/packing.py), and `target_ids`: the LM head only at the positions whose next token a loss scores
+  (token_log_probs.py), for steps 1, 2 and DPO.
 
 Who calls it: `LeanCausalLM.forward` (the class create_hf_model loads for these families, so steps 1, DPO, PTX and
 the PPO log-prob passes reach it through the DeepSpeed engine as before), `RewardModel.hidden_states` (reward and
