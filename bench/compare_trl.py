@@ -94,24 +94,69 @@ class _IterationClock:
         self._reset(time.perf_counter())
 
 
-def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int, gate=None):
+def _trl_worker_setup(actor_dir: str, threads: int):
+    """A TRL worker's start: TRL importable, torch's threads, quiet transformers; returns the actor's tokenizer
+    (padding as our load_tokenizer: LLaMA pads with unk, id 0)."""
     sys.path.insert(0, TRL_SITE)
     import torch
     torch.set_num_threads(threads)
-    from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              PrinterCallback, ProgressCallback, TrainerCallback)
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     import trl
-    import trl.experimental.ppo.ppo_trainer as trl_ppo
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
     if trl.__version__ != "1.12.0":
         print(f"warning: trl {trl.__version__} (the benchmark pins 1.12.0)", flush=True)
-
     tokenizer = AutoTokenizer.from_pretrained(actor_dir)
-    if tokenizer.pad_token is None:  # as our load_tokenizer: LLaMA pads with unk (id 0)
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token_id == 0 else tokenizer.eos_token
+    return tokenizer
+
+
+def _clock_callback(clock: "_IterationClock", gate, total: int):
+    """A TrainerCallback that marks iteration ends on `clock` and, in lock-step, waits for the driver's go
+    before each iteration (the wait is not part of the next iteration)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if gate is not None:
+                gate.send({"ready": True})
+                gate.wait("go")
+            clock._reset(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.iteration_end()
+            if gate is not None:
+                rec = clock.records[-1]
+                gate.send({"iteration": rec["iteration"], "total_s": rec["total_s"]})
+                gate.wait("go" if len(clock.records) < total else "end")
+                clock._reset(time.perf_counter())
+    return Clock()
+
+
+def _train_and_report(trainer, meter, clock: "_IterationClock", output_dir: str, n_params: dict) -> dict:
+    """Run TRL's train loop, check every iteration generated the full answers, and return the worker's run."""
+    import shutil
+    import trl
+    trainer.train()
+    meter.remove()
+    peak = pt.peak_rss_mib()
+    expected = pt.PROMPT_LEN + pt.ANSWER_LEN
+    bad = [r["sequence_columns"] for r in clock.records if r["sequence_columns"] != expected]
+    if bad:
+        raise SystemExit(f"TRL generated sequences of {bad} columns, expected {expected}")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return {"records": clock.records, "n_params": n_params, "peak_rss_mib": peak,
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+            "trl_version": trl.__version__}
+
+
+def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int, gate=None):
+    tokenizer = _trl_worker_setup(actor_dir, threads)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PrinterCallback, ProgressCallback
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
     tokenizer.padding_side = "left"
     total = warmup + iterations
     prompts = pt.make_prompts(tokenizer, total * pt.PROMPTS_PER_ITERATION, seed)
@@ -148,24 +193,9 @@ def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, see
     meter = pt.PassMeter()
     clock = _IterationClock(meter, warmup)
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if gate is not None:
-                gate.send({"ready": True})
-                gate.wait("go")
-            clock._reset(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.iteration_end()
-            if gate is not None:
-                rec = clock.records[-1]
-                gate.send({"iteration": rec["iteration"], "total_s": rec["total_s"]})
-                gate.wait("go" if len(clock.records) < total else "end")
-                clock._reset(time.perf_counter())  # the wait is not part of the next iteration
-
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
                          reward_model=reward_model, train_dataset=train_dataset, value_model=value_model,
-                         eval_dataset=eval_dataset, peft_config=peft_config, callbacks=[Clock()])
+                         eval_dataset=eval_dataset, peft_config=peft_config, callbacks=[_clock_callback(clock, gate, total)])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     checkpointing = [type(m).__name__ for model in (trainer.policy_model, value_model)
@@ -207,18 +237,7 @@ def run_trl(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, see
     pt.timed_method(trainer.accelerator, "backward", meter, "actor+critic/backward")
     pt.timed_method(trainer.optimizer, "step", meter, "actor+critic/optimizer step")
 
-    trainer.train()
-    meter.remove()
-    peak = pt.peak_rss_mib()
-    expected = pt.PROMPT_LEN + pt.ANSWER_LEN
-    bad = [r["sequence_columns"] for r in clock.records if r["sequence_columns"] != expected]
-    if bad:
-        raise SystemExit(f"TRL generated sequences of {bad} columns, expected {expected}")
-    import shutil
-    shutil.rmtree(output_dir, ignore_errors=True)
-    return {"records": clock.records, "n_params": {"actor": n_actor, "critic": n_critic}, "peak_rss_mib": peak,
-            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-            "trl_version": trl.__version__}
+    return _train_and_report(trainer, meter, clock, output_dir, {"actor": n_actor, "critic": n_critic})
 
 
 def run_trl_grpo(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int, seed: int, threads: int,
@@ -227,22 +246,10 @@ def run_trl_grpo(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int
     tokens (min_new_tokens = max_new_tokens: EOS is never sampled), the same prompt ids as ours (its prompt
     tokenizer is bypassed), the sequence-classification export as the reward model, beta 0.04 (so a reference
     pass, like ours), one update per generation, token-mean loss (bnpo), group-scaled advantages."""
-    sys.path.insert(0, TRL_SITE)
-    import torch
-    torch.set_num_threads(threads)
+    tokenizer = _trl_worker_setup(actor_dir, threads)
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              PrinterCallback, ProgressCallback, TrainerCallback)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    import trl
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
-    if trl.__version__ != "1.12.0":
-        print(f"warning: trl {trl.__version__} (the benchmark pins 1.12.0)", flush=True)
-
-    tokenizer = AutoTokenizer.from_pretrained(actor_dir)
-    if tokenizer.pad_token is None:  # as our load_tokenizer: LLaMA pads with unk (id 0)
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token_id == 0 else tokenizer.eos_token
     total = warmup + iterations
     per_iteration = pt.PROMPTS_PER_ITERATION // group
     prompt_ids = pt.make_prompts(tokenizer, total * per_iteration, seed).tolist()
@@ -274,24 +281,9 @@ def run_trl_grpo(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int
     meter = pt.PassMeter()
     clock = _IterationClock(meter, warmup)
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if gate is not None:
-                gate.send({"ready": True})
-                gate.wait("go")
-            clock._reset(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.iteration_end()
-            if gate is not None:
-                rec = clock.records[-1]
-                gate.send({"iteration": rec["iteration"], "total_s": rec["total_s"]})
-                gate.wait("go" if len(clock.records) < total else "end")
-                clock._reset(time.perf_counter())
-
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=config, train_dataset=train_dataset,
                           processing_class=tokenizer, reward_processing_classes=tokenizer,
-                          peft_config=peft_config, callbacks=[Clock()])
+                          peft_config=peft_config, callbacks=[_clock_callback(clock, gate, total)])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 
@@ -326,18 +318,7 @@ def run_trl_grpo(actor_dir, critic_dir, lora: bool, iterations: int, warmup: int
     meter.watch_head(reward_model.score)
     pt.timed_method(trainer.accelerator, "backward", meter, "actor/backward")  # (its optimizer comes with train())
 
-    trainer.train()
-    meter.remove()
-    peak = pt.peak_rss_mib()
-    expected = pt.PROMPT_LEN + pt.ANSWER_LEN
-    bad = [r["sequence_columns"] for r in clock.records if r["sequence_columns"] != expected]
-    if bad:
-        raise SystemExit(f"TRL generated sequences of {bad} columns, expected {expected}")
-    import shutil
-    shutil.rmtree(output_dir, ignore_errors=True)
-    return {"records": clock.records, "n_params": {"actor": n_actor, "critic": 0}, "peak_rss_mib": peak,
-            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-            "trl_version": trl.__version__}
+    return _train_and_report(trainer, meter, clock, output_dir, {"actor": n_actor, "critic": 0})
 
 
 def worker_main(args):

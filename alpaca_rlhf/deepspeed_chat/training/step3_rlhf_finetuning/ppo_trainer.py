@@ -41,7 +41,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.loop import NonFiniteGuard
 from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import causal_lm_logits
 from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
-from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import any_rank, get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
@@ -256,8 +256,10 @@ class PPOTrainer:
         batch = next(self.ptx_batches)
         self.ptx_consumed += 1  # the PTX data position, saved with checkpoints
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return causal_lm_loss(logits, batch["labels"], self.args.compute_fp32_loss)
+        scored = batch["labels"] != -100                                   # the answers, as in step 1
+        logp = scored_token_log_probs(self.actor, batch["input_ids"], batch["attention_mask"], scored,
+                                      self.args.packing, self.args.logits_chunk)      # (B, T)
+        return -logp.sum() / scored[:, 1:].sum().clamp(min=1)              # mean next-token cross entropy
 
     def train_rlhf(self, mb: Rollout) -> Dict[str, float]:
         """Step 7 on one mini-batch: one actor step and one critic step. The PTX loss joins the policy loss

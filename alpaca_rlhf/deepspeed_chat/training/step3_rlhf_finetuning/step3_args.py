@@ -26,6 +26,7 @@ def parse_args(argv=None):
                    help="Accepted for DeepSpeed-Chat compatibility (hub dataset configs are not used).")
     d.add_argument("--unsup_coef", type=float, default=27.8,
                    help="PTX loss coefficient (InstructGPT: 27.8, reported unstable; try 1 or less).")
+    cli.add_packing_args(d)  # (the PTX batches)
 
     cli.add_model_args(p, "actor_", required=True)
     cli.add_model_args(p, "critic_", required=False)

@@ -166,14 +166,7 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
                    help=f"{unit.capitalize()} per rank per micro-batch. Default {train_batch}.")
     g.add_argument("--per_device_eval_batch_size", type=int, default=eval_batch,
                    help=f"Eval {unit} per rank. Default {eval_batch}.")
-    g.add_argument("--packing", type=str2bool, default=True,
-                   help="Run each micro-batch's rows packed into one sequence without padding (position ids restart "
-                        "per row, attention stays within it): the same losses, fewer positions. Where our decoder "
-                        "runs (LLaMA, Mistral, Qwen2 with SDPA/eager attention); other families pad. Default true.")
-    g.add_argument("--logits_chunk", type=int, default=1024,
-                   help="The LM head and log-softmax run only at positions whose next token is scored (answers), "
-                        "this many positions at a time, so the (tokens x vocab) logits never exist whole "
-                        "(0: all at once). Steps 1 and DPO, LLaMA-like families. Default 1024.")
+    add_packing_args(g)
     if with_eval_interval:
         g.add_argument("--eval_interval", type=int, default=0, help="Evaluate every N optimizer steps (0: per epoch).")
         g.add_argument("--eval_iters", type=int, default=0, help="Evaluate on at most N batches (0: all).")
@@ -185,6 +178,20 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
     add_deepspeed_args(parser)
     add_output_args(parser)
     add_checkpoint_args(parser, "optimizer steps")
+
+
+def add_packing_args(group):
+    """--packing and --logits_chunk (utils/data/packing.py, utils/model/token_log_probs.py): steps 1, 2, DPO and
+    step 3's PTX batches."""
+    group.add_argument("--packing", type=str2bool, default=True,
+                       help="Run each micro-batch's rows packed into one sequence without padding (position ids "
+                            "restart per row, attention stays within it): the same losses, fewer positions. Where our "
+                            "decoder runs (LLaMA, Mistral, Qwen2 with SDPA/eager attention); other families pad. "
+                            "Default true.")
+    group.add_argument("--logits_chunk", type=int, default=1024,
+                       help="The LM head and log-softmax run only at positions whose next token is scored (answers), "
+                            "this many positions at a time, so the (tokens x vocab) logits never exist whole "
+                            "(0: all at once). Steps 1, DPO and PTX, LLaMA-like families. Default 1024.")
 
 
 def add_checkpoint_args(parser, unit: str):
