@@ -118,12 +118,12 @@ def test_step2_without_eval_pairs_and_step3_without_one_iteration_stop_before_tr
     (data / "eval.json").write_text(json.dumps({"prompt": "only a prompt"}))  # no pair: nothing to evaluate on
     out = tmp_path / "critic"
     proc = run_launcher(STEP2, common_args(micro_model_dir, str(out), str(tmp_path / "cache"), "--data_path",
-                                           str(data), "--data_split", "0,1,0"), check=False)
+                                           str(data), "--data_split", "0,1,0"), num_gpus=1, check=False)
     assert proc.returncode != 0 and "error: step 2 found no eval pairs" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists() or not any(out.glob("*.safetensors"))
     proc = run_launcher(STEP3, ppo_args(micro_model_dir, micro_model_dir, str(tmp_path / "final"),
                                         str(tmp_path / "cache3"), "--data_path", RM_STATIC, "--max_train_samples", 4),
-                        check=False)
+                        num_gpus=1, check=False)
     assert proc.returncode != 0 and "error: step 3 has 4 training prompts, fewer than one PPO iteration" in \
         proc.stderr, proc.stderr[-2000:]
 

@@ -1,11 +1,10 @@
 """The remote reward (--reward_model_type remote) over loopback: a real `alpaca_rlhf.tools.reward_server` process
 serving the step-2 model, scores equal to the local reward model's as step 3 computes them, requests from
 several threads batched together, refusals with the server's reason, and a server that dies: the client
-stops with one line, and a step-3 run whose server dies mid-run stops, then resumes once it is back."""
+stops with one line, and so does a step-3 run whose server dies mid-run, its checkpoint kept."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -109,7 +108,7 @@ def reward(prompts, answers, **columns):
 '''
 
 
-def test_a_run_whose_reward_server_dies_stops_and_resumes(reward_run, tmp_path):
+def test_a_run_whose_reward_server_dies_stops_with_one_line_and_keeps_its_checkpoint(reward_run, tmp_path):
     critic, actor, _ = reward_run
     (tmp_path / "killer.py").write_text(KILLING_REWARD)
     server, url = start_server(critic)
@@ -124,20 +123,15 @@ def test_a_run_whose_reward_server_dies_stops_and_resumes(reward_run, tmp_path):
     args[args.index("--test_stop_step") + 1] = 3
     try:
         died = run_launcher(STEP3, args, num_gpus=1, check=False)
-        assert died.returncode != 0
-        line = rf"error(?: \(rank \d\))?: --reward_url {re.escape(url)}: no answer after 2 tries"
-        assert re.search(line, died.stderr), died.stderr[-3000:]
-        assert (out / "checkpoints" / "step_1").is_dir() and not (out / "actor").exists()
-        server.wait()
-        os.remove(tmp_path / "server.pid")
-        server, _ = start_server(critic, port=url.split(":")[-1].split("/")[0])  # back, same address
-        resumed = run_launcher(STEP3, args, num_gpus=1)
-        assert "resumed from" in resumed.stdout
     finally:
-        server.send_signal(signal.SIGKILL)
+        server.kill()
         server.wait()
+    assert died.returncode != 0
+    line = rf"error(?: \(rank \d\))?: --reward_url {re.escape(url)}: no answer after 2 tries"
+    assert re.search(line, died.stderr), died.stderr[-3000:]
+    assert "Traceback" not in died.stderr
+    # the first iteration trained on both sources, each logged, and its checkpoint is complete (a restarted run
+    # resumes from it once the server is back: resuming itself is tested in test_step3_e2e and test_multinode_e2e)
     rows = metrics(str(out))
-    assert sorted(rows) == [1, 2, 3]
-    for row in rows.values():  # the two sources, each logged, their weighted sum trained on
-        assert "reward/raw_remote" in row and "reward/raw_function" in row
-    assert (out / "actor" / "model.safetensors").exists()
+    assert 1 in rows and "reward/raw_remote" in rows[1] and "reward/raw_function" in rows[1]
+    assert (out / "checkpoints" / "step_1" / "trainer_state.json").exists() and not (out / "actor").exists()
