@@ -158,6 +158,7 @@ def run_ours(w) -> dict:
     from alpaca_rlhf.deepspeed_chat.training.utils.entry import start_run
     from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loader, tokenizer_from_args
     from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import create_critic_model
+    from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import answer_nll
     from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
 
     total = w.warmup + w.steps
@@ -196,7 +197,8 @@ def run_ours(w) -> dict:
         marks["begin"] = time.perf_counter()
         if rm:  # step 2's loss
             return engine(batch["input_ids"], batch["attention_mask"], packing=args.packing)["loss"], {}
-        return -step1.answer_log_probs(engine, batch, args).sum() / step1.labelled_tokens(batch).clamp(min=1), {}
+        nll, tokens = answer_nll(engine, batch, args.packing, args.logits_chunk)  # step 1's loss
+        return nll / tokens.clamp(min=1), {}
 
     class TimingLogger:  # train_loop logs after engine.step() on every optimizer step: the step's end
         def log(self, step, metrics):

@@ -185,17 +185,17 @@ import torch
 from alpaca_rlhf.deepspeed_chat.training.step1_supervised_finetuning import main as step1
 from alpaca_rlhf.deepspeed_chat.training.utils.entry import run_cli
 
-real_log_probs, calls = step1.answer_log_probs, [0]
+real_nll, calls = step1.answer_nll, [0]
 
-def log_probs(engine, batch, args):  # NaN on rank 1 in its 2nd and 3rd training micro-batches
-    value = real_log_probs(engine, batch, args)
+def nll(engine, batch, packing, logits_chunk):  # NaN on rank 1 in its 2nd and 3rd training micro-batches
+    value, tokens = real_nll(engine, batch, packing, logits_chunk)
     if torch.is_grad_enabled():
         calls[0] += 1
         if torch.distributed.get_rank() == 1 and calls[0] in (2, 3):
-            return value * float("nan")
-    return value
+            return value * float("nan"), tokens
+    return value, tokens
 
-step1.answer_log_probs = log_probs
+step1.answer_nll = nll
 run_cli(step1.main)
 """
 

@@ -24,7 +24,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, tokenizer_from_args,
                                                                         save_hf_format)
-from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import answer_nll
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
 
@@ -39,23 +39,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def answer_log_probs(engine, batch, args) -> torch.Tensor:
-    """log pi of each labelled token (the answers), 0 elsewhere: (B, T)."""
-    return scored_token_log_probs(engine, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
-                                  args.packing, args.logits_chunk)
-
-
-def labelled_tokens(batch) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum()  # (the first token has no prediction)
-
-
 def evaluate_perplexity(engine, loader, args):
     """Token-weighted mean loss over the eval split (all ranks) and its exponential."""
     total = torch.zeros(2, device=engine.device)  # [sum of token losses, number of tokens]
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            total += torch.stack([-answer_log_probs(engine, batch, args).sum(), labelled_tokens(batch).float()])
+            nll, tokens = answer_nll(engine, batch, args.packing, args.logits_chunk)
+            total += torch.stack([nll, tokens.float()])
     token_loss, tokens = get_all_reduce_mean(total).tolist()
     loss = token_loss / max(tokens, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -73,7 +64,8 @@ def main():
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
 
     def sft_loss(batch):  # mean next-token cross entropy over the answer tokens
-        return -answer_log_probs(engine, batch, args).sum() / labelled_tokens(batch).clamp(min=1), {}
+        nll, tokens = answer_nll(engine, batch, args.packing, args.logits_chunk)
+        return nll / tokens.clamp(min=1), {}
 
     history = train_loop(engine, train_loader, sft_loss, lambda: evaluate_perplexity(engine, eval_loader, args),
                          args, desc="step1 sft", run_name="step1_sft")

@@ -41,7 +41,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.loop import NonFiniteGuard
 from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import causal_lm_logits
 from alpaca_rlhf.deepspeed_chat.training.utils.model.forward_replay import ForwardRecording
 from alpaca_rlhf.deepspeed_chat.training.utils.model.generation import sample
-from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import answer_nll
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import has_lora, lora_fused
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import any_rank, get_all_reduce_mean, print_rank_0
 from alpaca_rlhf.deepspeed_chat.training.step3_rlhf_finetuning.ppo_math import (
@@ -256,10 +256,8 @@ class PPOTrainer:
         batch = next(self.ptx_batches)
         self.ptx_consumed += 1  # the PTX data position, saved with checkpoints
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        scored = batch["labels"] != -100                                   # the answers, as in step 1
-        logp = scored_token_log_probs(self.actor, batch["input_ids"], batch["attention_mask"], scored,
-                                      self.args.packing, self.args.logits_chunk)      # (B, T)
-        return -logp.sum() / scored[:, 1:].sum().clamp(min=1)              # mean next-token cross entropy
+        nll, tokens = answer_nll(self.actor, batch, self.args.packing, self.args.logits_chunk)  # as step 1's loss
+        return nll / tokens.clamp(min=1)
 
     def train_rlhf(self, mb: Rollout) -> Dict[str, float]:
         """Step 7 on one mini-batch: one actor step and one critic step. The PTX loss joins the policy loss
@@ -320,17 +318,12 @@ class PPOTrainer:
         self.critic.step()
         return {**stats, "loss/value": value_loss.item(), "val/clipfrac": vclipfrac.item()}
 
-    def decode(self, seq: torch.Tensor, P: int):
-        """(prompt texts, answer texts) of sequences (B, L) whose answers start at column P."""
-        return (self.tokenizer.batch_decode(seq[:, :P], skip_special_tokens=True),
-                self.tokenizer.batch_decode(seq[:, P:], skip_special_tokens=True))
-
     def rollout_stats(self, r: Rollout) -> Dict[str, float]:
         """Metrics of the experience itself (before the update)."""
         mask = r.action_mask
         extra = {}
         if self.ground_truth is not None:  # the sampled answers' true quality, next to the reward model's opinion
-            extra["reward/ground_truth"] = self.ground_truth(*self.decode(r.seq, r.prompt_length)).mean().item()
+            extra["reward/ground_truth"] = self.ground_truth(*self.engine.decode(r.seq, r.prompt_length)).mean().item()
         if r.raw_score.size(1) > 1:  # several sources: each one's own mean
             for s, source in enumerate(self.args.reward_model_type):
                 extra[f"reward/raw_{source}"] = r.raw_score[:, s].mean().item()
@@ -392,8 +385,9 @@ class PPOTrainer:
             with self.engine.reference_context():
                 ref = answer_log_probs(self.engine.reference_model, seq, attention_mask, P)
             lengths = action_mask.sum(-1) - ended.float()
-            prompt_texts, answers = self.decode(seq, P)
-            batch_sums = {"reward": self.combined_score(raw).sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
+            prompt_texts, answers = self.engine.decode(seq, P)
+            combined = self.combined_score(raw)                              # (B,)
+            batch_sums = {"reward": combined.sum().item(), "reward_normalized": self.normalize_score(raw, ended).sum().item(),
                           "kl_to_reference": ((logprobs - ref) * action_mask).sum().item(),
                           "response_len": lengths.sum().item(), "empty_frac": (lengths == 0).sum().item(),
                           "no_eos_frac": (~ended).sum().item(), "count": float(len(answers))}
@@ -401,7 +395,7 @@ class PPOTrainer:
                 batch_sums["ground_truth"] = self.ground_truth(prompt_texts, answers).sum().item()
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
-            samples.extend(zip(prompt_texts, answers, self.combined_score(raw).tolist()))
+            samples.extend(zip(prompt_texts, answers, combined.tolist()))
         keys = sorted(sums)
         totals = dict(zip(keys, get_all_reduce_mean(torch.tensor([sums[k] for k in keys], device=self.device,
                                                                   dtype=torch.float64)).tolist()))

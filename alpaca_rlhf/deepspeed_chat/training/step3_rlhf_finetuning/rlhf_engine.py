@@ -139,8 +139,7 @@ class DeepSpeedRLHFEngine:
         (B, L), the answers from column prompt_length on; ended (B,) bool: the answer emitted its EOS. -> (B, S)"""
         texts = None
         if self.reward_function is not None or self.remote_reward is not None:  # the text sources' input
-            texts = (self.tokenizer.batch_decode(seq[:, :prompt_length], skip_special_tokens=True),
-                     self.tokenizer.batch_decode(seq[:, prompt_length:], skip_special_tokens=True))
+            texts = self.decode(seq, prompt_length)
         columns = []
         for source in self.args.reward_model_type:
             if source == "reward_model":
@@ -152,6 +151,11 @@ class DeepSpeedRLHFEngine:
             else:
                 columns.append(self.remote_reward(*texts, ended.tolist()).to(seq.device))
         return torch.stack(columns, dim=1)
+
+    def decode(self, seq: torch.Tensor, prompt_length: int):
+        """(prompt texts, answer texts) of sequences (B, L) whose answers start at column prompt_length."""
+        return (self.tokenizer.batch_decode(seq[:, :prompt_length], skip_special_tokens=True),
+                self.tokenizer.batch_decode(seq[:, prompt_length:], skip_special_tokens=True))
 
     def _reward_model_scores(self, seq, attention_mask, prompt_length):
         """The step-2 model's end score: its value at each row's last real token. (B, L) -> (B,)"""

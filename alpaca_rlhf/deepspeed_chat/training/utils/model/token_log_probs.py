@@ -41,3 +41,12 @@ def scored_token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch
                      target_ids=targets, logits_chunk=logits_chunk)      # (M,)
     out = logp.new_zeros(B * T)
     return out.index_put((token,), logp).view(B, T)
+
+
+def answer_nll(model, batch, packing: bool = True, logits_chunk: int = 0):
+    """(summed negative log-likelihood of a supervised batch's labelled tokens, their number): the SFT loss is
+    the first over the second (step 1, step 3's PTX; step 1's perplexity sums both over the eval split).
+    batch: input_ids, attention_mask, labels (-100 where no loss is taken), (B, T)."""
+    scored = batch["labels"] != -100
+    logp = scored_token_log_probs(model, batch["input_ids"], batch["attention_mask"], scored, packing, logits_chunk)
+    return -logp.sum(), scored[:, 1:].sum()  # (the first token has no prediction)
