@@ -8,9 +8,9 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2Model)
 
-from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_pairs, pack_rows, unpack
+from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_pairs, pack_rows, read_positions, unpack
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss, sequence_log_probs
-from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import LEAN_CAUSAL_LM
+from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import LEAN_CAUSAL_LM, decoder_forward
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.model.reward_model import RewardModel
 from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
@@ -71,6 +71,9 @@ def test_a_pair_shares_its_common_prefix():
     (start, end, allowed), = packed.blocks
     assert (start, end) == (0, 5) and not allowed[4, 2] and not allowed[4, 3] and allowed[4, 1] and allowed[4, 4]
     assert torch.equal(unpack(packed.input_ids.float(), packed), ids.float())
+    assert packed.read_from == [2] and read_positions(packed).tolist() == [2, 3, 4]  # from the first difference
+    assert unpack(torch.tensor([7.0, 8.0, 9.0]), packed, positions=read_positions(packed)).tolist() == \
+        [[0, 0, 7, 8, 0], [0, 0, 9, 0, 0]]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -115,8 +118,13 @@ def test_the_pairwise_reward_loss_packed_equals_padded(family, loss_type):
     torch.manual_seed(0)
     model = RewardModel(body(config_class(**SIZES, attn_implementation="sdpa")), loss_type=loss_type)
     torch.nn.init.normal_(model.v_head.weight, std=0.5)
-    ids, mask, _ = _batch(rows=(9, 16, 11, 14), prompts=(4, 6, 4, 6))
-    ids[2:, :4], ids[3, :6] = ids[0, :4], ids[1, :6]                     # pairs share their prompts
+    # rows [0, 4) chosen, [4, 8) rejected: pairs 0 and 1 share their prompts, pair 2 is one answer twice, pair 3's
+    # rejected row is the first 6 tokens of its chosen row (both end inside the part the last layer skips)
+    ids, mask, _ = _batch(rows=(9, 16, 7, 10, 11, 14, 7, 6), prompts=(4, 6, 3, 4, 4, 6, 3, 4))
+    ids[4, :4], ids[5, :6], ids[6], ids[7, :6] = ids[0, :4], ids[1, :6], ids[2], ids[3, :6]
+    pack = pack_pairs(ids, mask)
+    starts = [a for a, _, _ in pack.blocks]
+    assert [f - a for f, a in zip(pack.read_from, starts)] == [4, 6, 6, 5]  # first difference, or a last token
     padded = model(ids, mask, packing=False)
     padded["loss"].backward()
     want = _grads(model)
@@ -125,6 +133,21 @@ def test_the_pairwise_reward_loss_packed_equals_padded(family, loss_type):
         torch.testing.assert_close(packed[key], padded[key], atol=1e-5, rtol=1e-5)
     packed["loss"].backward()
     _assert_same_grads(want, _grads(model))
+
+
+def test_the_last_layer_from_given_positions_gives_those_positions_outputs():
+    _, ours = _models("llama")
+    ids, mask, _ = _batch(rows=(9, 16, 5), prompts=(4, 6, 2))
+    packed = pack_rows(ids, mask)
+    full = decoder_forward(ours.model, packed.input_ids, None, packed.position_ids, segments=packed.blocks)
+    first = [a + k for (a, _, _), k in zip(packed.blocks, (3, 0, 4))]     # a suffix of each row; the third: 1 position
+    part = decoder_forward(ours.model, packed.input_ids, None, packed.position_ids, segments=packed.blocks,
+                           last_layer_from=first)
+    wanted = torch.cat([torch.arange(f, b) for f, (_, b, _) in zip(first, packed.blocks)])
+    assert part.shape == (1, wanted.numel(), full.size(-1))
+    torch.testing.assert_close(part, full[:, wanted], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="tile"):
+        decoder_forward(ours.model, packed.input_ids, None, packed.position_ids, segments=packed.blocks[1:])
 
 
 def test_a_family_our_decoder_does_not_run_takes_the_full_logits():

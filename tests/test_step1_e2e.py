@@ -1,5 +1,6 @@
 """Step 1 end to end through run.sh on two CPU ranks: full fine-tuning under ZeRO-3, then the seed command's
-LoRA setting (q_proj,k_proj, --only_optimize_lora, ZeRO-2, with --compile_elementwise) on top of it."""
+LoRA setting (q_proj,k_proj, --only_optimize_lora, ZeRO-2, with --compile_elementwise and token-budget
+micro-batches) on top of it."""
 import json
 import os
 import subprocess
@@ -55,11 +56,14 @@ def test_lora_zero2_seed_command(sft_run):
     proc = run_launcher(STEP1, step1_args(base_dir, out, str(root / "data"), "--zero_stage", 2, "--lora_dim", 8,
                                           "--lora_module_name", "q_proj,k_proj", "--only_optimize_lora",
                                           "--learning_rate", 1e-2, "--gradient_accumulation_steps", 2,
-                                          "--max_train_steps", 40, "--compile_elementwise"))
+                                          "--max_train_steps", 40, "--compile_elementwise",
+                                          "--max_tokens_per_batch", 384))
     before, after = perplexities(out)
     assert after < before, (before, after)
     # the fused elementwise kernels ran (the frozen down projection takes the backward without its weight)
     assert "fused with torch.compile" in proc.stdout and "runs eagerly" not in proc.stderr
+    # token-budget micro-batches: both ranks ran the same number (a rank with fewer would have hung the other)
+    assert "global batch about 1536 tokens" in proc.stdout
     base = load_file(os.path.join(base_dir, "model.safetensors"))
     tuned = load_file(os.path.join(out, "model.safetensors"))
     assert base.keys() == tuned.keys(), "LoRA must be merged into the exported weights"

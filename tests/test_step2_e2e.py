@@ -62,7 +62,8 @@ def test_dpo_raises_implicit_reward_accuracy(sft_run):
     run_launcher(DPO, common_args(actor, out, str(root / "data"), "--per_device_train_batch_size", 8,
                                   "--per_device_eval_batch_size", 16, "--learning_rate", 5e-3, "--beta", 0.1,
                                   "--num_train_epochs", 1, "--lora_dim", 8, "--lora_module_name", "q_proj,k_proj,v_proj",
-                                  "--only_optimize_lora", "--zero_stage", 2, "--max_train_steps", 40))
+                                  "--only_optimize_lora", "--zero_stage", 2, "--max_train_steps", 40,
+                                  "--max_tokens_per_batch", 1024))
     history = json.load(open(os.path.join(out, "eval_history.json")))
     first, last = history[0], history[-1]
     assert first["eval/margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before training

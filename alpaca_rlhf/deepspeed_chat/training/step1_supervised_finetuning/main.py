@@ -24,7 +24,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.entry import resolved_config, run
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, tokenizer_from_args,
                                                                         save_hf_format)
-from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import answer_nll
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import answer_nll, runs_lean
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import init_engine_for_loader, prepare_model
 from alpaca_rlhf.deepspeed_chat.training.utils.utils import get_all_reduce_mean, print_rank_0
 
@@ -59,7 +59,8 @@ def main():
     tokenizer = tokenizer_from_args(args, args.model_name_or_path)
     spec, ds_config, model = prepare_model(args, causal_lm_loader(args, tokenizer))
 
-    train_loader, eval_loader = supervised_loaders(args, tokenizer, 1, DataCollatorSFT(tokenizer.pad_token_id))
+    train_loader, eval_loader = supervised_loaders(args, tokenizer, 1, DataCollatorSFT(tokenizer.pad_token_id),
+                                                   packed=args.packing and runs_lean(model, args.max_seq_len))
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
 

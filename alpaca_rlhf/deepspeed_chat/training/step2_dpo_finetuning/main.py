@@ -26,7 +26,7 @@ from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss
 from alpaca_rlhf.deepspeed_chat.training.utils.loop import train_loop
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import (causal_lm_loader, save_hf_format,
                                                                         tokenizer_from_args)
-from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import scored_token_log_probs
+from alpaca_rlhf.deepspeed_chat.training.utils.model.token_log_probs import runs_lean, scored_token_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.module.lora import lora_disabled
 from alpaca_rlhf.deepspeed_chat.training.utils.train_utils import (init_engine_for_loader, init_frozen_engine,
                                                                    prepare_model, shares_base)
@@ -69,7 +69,8 @@ def main():
     tokenizer = tokenizer_from_args(args, args.model_name_or_path)
     spec, ds_config, model = prepare_model(args, causal_lm_loader(args, tokenizer))
 
-    train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id))
+    train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id),
+                                                   packed=args.packing and runs_lean(model, args.max_seq_len))
 
     engine = init_engine_for_loader(model, spec, args, ds_config, train_loader)
     if shares_base(spec) and args.reference_model_name_or_path is None:

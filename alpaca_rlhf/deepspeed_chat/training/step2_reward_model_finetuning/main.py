@@ -54,7 +54,8 @@ def main():
         args.model_name_or_path, tokenizer, cfg, args.num_padding_at_beginning, args.dropout, args.compute_fp32_loss,
         args.loss_type, args.trust_remote_code, args.dtype), force_optimize_params=["v_head"])
 
-    train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id))
+    train_loader, eval_loader = supervised_loaders(args, tokenizer, 2, DataCollatorReward(tokenizer.pad_token_id),
+                                                   packed=model.packs(args.packing, args.max_seq_len))
     if len(eval_loader.dataset) == 0:  # reward_stats.json (step 3's normalisation) comes from the eval pairs
         raise ConfigError(f"step 2 found no eval pairs (the eval split of --data_path {' '.join(args.data_path)} "
                           f"with --data_split {args.data_split}); reward_stats.json needs them")

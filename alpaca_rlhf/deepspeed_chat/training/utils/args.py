@@ -166,6 +166,12 @@ def add_supervised_training_args(parser, unit: str, train_batch: int, eval_batch
                    help=f"{unit.capitalize()} per rank per micro-batch. Default {train_batch}.")
     g.add_argument("--per_device_eval_batch_size", type=int, default=eval_batch,
                    help=f"Eval {unit} per rank. Default {eval_batch}.")
+    g.add_argument("--max_tokens_per_batch", type=int, default=0,
+                   help=f"Training micro-batches by token budget instead of --per_device_train_batch_size: shuffled "
+                        f"{unit} join a micro-batch while its tokens stay within this many (packed: real tokens; "
+                        f"padded: {unit} x the longest), so every micro-batch costs about the same; the loss is the "
+                        f"mean over each micro-batch as before. At least --max_seq_len. Default 0 (off: "
+                        f"--per_device_train_batch_size {unit}).")
     add_packing_args(g)
     if with_eval_interval:
         g.add_argument("--eval_interval", type=int, default=0, help="Evaluate every N optimizer steps (0: per epoch).")
@@ -286,6 +292,10 @@ def check_batch_args(args, world_size: int):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {value}")
+    budget = getattr(args, "max_tokens_per_batch", 0)
+    if budget and budget < args.max_seq_len or budget < 0:
+        raise ConfigError(f"--max_tokens_per_batch must be 0 (off) or at least --max_seq_len {args.max_seq_len} "
+                          f"(a micro-batch holds whole rows), got {budget}")
     if getattr(args, "num_train_epochs", 1) < 1:
         raise ConfigError(f"--num_train_epochs must be at least 1, got {args.num_train_epochs}")
     if hasattr(args, "data_split"):

@@ -32,8 +32,10 @@ def start_run(args) -> DistInfo:
     if args.compile_elementwise:
         compile_elementwise()
         print_rank_0("elementwise math (RMSNorm, SwiGLU, rotary): fused with torch.compile, compiled on first use")
-    print_rank_0(f"world size {dist.world_size}, device {dist.device}, dtype {args.dtype}, "
-                 f"global batch {args.global_train_batch_size}")
+    budget = getattr(args, "max_tokens_per_batch", 0)
+    batch = f"about {budget * args.gradient_accumulation_steps * dist.world_size} tokens" if budget \
+        else args.global_train_batch_size
+    print_rank_0(f"world size {dist.world_size}, device {dist.device}, dtype {args.dtype}, global batch {batch}")
     if dist.device.type == "cpu":
         print_rank_0(cpu_blas.describe())
     return dist

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import RunCheckpoints
-from .data.data_utils import skip_batches
+from .data.data_utils import epoch_lengths, set_epoch, skip_batches
 from .entry import resolved_config
 from .errors import NonFiniteError
 from .metrics import MetricsLogger
@@ -90,13 +90,12 @@ def train_loop(engine, train_loader, compute_loss: LossFn, evaluate: Callable[[]
     if state is None:
         run_eval(0, "before training")
     first_epoch, first_batch = (state["epoch"], state["batch"]) if state else (0, 0)
-    bar = progress_bar(len(train_loader) * args.num_train_epochs, desc,
-                       disable=not is_rank_0() or args.disable_progress_bar)
-    bar.update(first_epoch * len(train_loader) + first_batch)
+    lengths = epoch_lengths(train_loader, args.num_train_epochs)  # micro-batches per epoch
+    bar = progress_bar(sum(lengths), desc, disable=not is_rank_0() or args.disable_progress_bar)
+    bar.update(sum(lengths[:first_epoch]) + first_batch)
     start = time.time()
     for epoch in range(first_epoch, args.num_train_epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        set_epoch(train_loader, epoch)
         skip = first_batch if epoch == first_epoch else 0  # micro-batches trained on before the checkpoint
         engine.train()
         done = reached_limit()

@@ -9,6 +9,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 
+from .data.data_utils import epoch_lengths
 from .ds_utils import get_train_ds_config, on_cpu
 from .errors import ConfigError
 from .module.lora import convert_linear_layer_to_lora, is_lora_parameter, only_optimize_lora_parameters
@@ -109,9 +110,10 @@ def create_optimizer(param_groups, choice: str, offload: bool, learning_rate: fl
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), foreach=True)
 
 
-def num_update_steps(num_batches_per_epoch: int, gradient_accumulation_steps: int, epochs: int,
+def num_update_steps(batches_per_epoch: Sequence[int], gradient_accumulation_steps: int,
                      max_train_steps: int = 0) -> int:
-    steps = math.ceil(num_batches_per_epoch / gradient_accumulation_steps) * epochs
+    """Optimizer steps of a run whose epochs have these numbers of micro-batches (at most --max_train_steps)."""
+    steps = sum(math.ceil(n / gradient_accumulation_steps) for n in batches_per_epoch)
     return min(steps, max_train_steps) if max_train_steps > 0 else steps
 
 
@@ -182,6 +184,6 @@ def prepare_model(args, load, force_optimize_params: Sequence[str] = ()):
 
 def init_engine_for_loader(model, spec: EngineSpec, args, ds_config: dict, train_loader):
     """init_engine with the schedule length derived from the loader, epochs and --max_train_steps."""
-    total_steps = num_update_steps(len(train_loader), args.gradient_accumulation_steps, args.num_train_epochs,
-                                   args.max_train_steps)
+    total_steps = num_update_steps(epoch_lengths(train_loader, args.num_train_epochs),
+                                   args.gradient_accumulation_steps, args.max_train_steps)
     return init_engine(model, spec, args, ds_config, total_steps)

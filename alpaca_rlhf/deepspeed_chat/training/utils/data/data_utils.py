@@ -31,6 +31,7 @@ from ..utils import barrier, is_local_rank_0, is_rank_0, print_rank_0
 from .chat_template import IGNORE_INDEX, ChatFormat, JinjaFormat, format_from_args, load_chat_format
 from .prompt_format import parse_conversation
 from .raw_datasets import Example, get_raw_dataset
+from .token_budget import TokenBudgetBatchSampler, row_costs
 from .token_ids import bos_ids, text_ids
 
 CACHE_FORMAT_VERSION = 2
@@ -351,8 +352,33 @@ def make_dataloader(dataset: Dataset, collator, batch_size: int, shuffle: bool, 
                       shuffle=shuffle if sampler is None else False, generator=torch.Generator().manual_seed(seed))
 
 
-class _SkipSampler(torch.utils.data.Sampler):
-    """The indices of `sampler` after the first `n` (its set_epoch passed through)."""
+def budget_dataloader(dataset: Dataset, collator, max_tokens: int, packed: bool, seed: int) -> DataLoader:
+    """Shuffled training micro-batches of at most `max_tokens` tokens each (token_budget.py), the same number on
+    every rank; the cost counts real tokens when the rows run `packed`, else rows x the longest row."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    sampler = TokenBudgetBatchSampler(row_costs(dataset, padded=not packed), max_tokens, padded=not packed,
+                                      shuffle=True, seed=seed, num_replicas=world, rank=rank)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
+
+
+def set_epoch(loader: DataLoader, epoch: int):
+    """Start `loader`'s epoch `epoch` (its shuffle and, for token budgets, its micro-batches)."""
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
+def epoch_lengths(loader: DataLoader, epochs: int) -> List[int]:
+    """This rank's number of micro-batches in each epoch (token budgets make them differ from epoch to epoch)."""
+    if hasattr(getattr(loader, "batch_sampler", None), "epoch_lengths"):
+        return loader.batch_sampler.epoch_lengths(epochs)
+    return [len(loader)] * epochs
+
+
+class _Skip(torch.utils.data.Sampler):
+    """The items (indices, or micro-batches) of `sampler` after the first `n` (its set_epoch passed through)."""
 
     def __init__(self, sampler, n: int):
         self.sampler, self.n = sampler, n
@@ -372,19 +398,26 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
     skipped ones (a resumed run continues where the checkpoint was written). Call set_epoch on `loader` first."""
     if batches == 0:
         return loader
+    if loader.batch_size is None:  # a batch_sampler's micro-batches (token budgets)
+        return DataLoader(loader.dataset, batch_sampler=_Skip(loader.batch_sampler, batches),
+                          collate_fn=loader.collate_fn)
     # (the loader's own generator: an iteration started without one draws from the global RNG, which a resumed
     # run has just restored from the checkpoint, and sampling would differ from the uninterrupted run)
     return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+                      sampler=_Skip(loader.sampler, batches * loader.batch_size),
                       collate_fn=loader.collate_fn, drop_last=loader.drop_last, generator=loader.generator)
 
 
-def supervised_loaders(args, tokenizer, phase: int, collator):
-    """(train loader, eval loader) for step 1 (phase 1) or step 2 / DPO (phase 2) from the shared data flags."""
+def supervised_loaders(args, tokenizer, phase: int, collator, packed: bool = False):
+    """(train loader, eval loader) for step 1 (phase 1) or step 2 / DPO (phase 2) from the shared data flags.
+    packed: the model runs micro-batches packed (what a --max_tokens_per_batch budget counts)."""
     train, evaluation = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, phase, args.seed, tokenizer,
         args.max_seq_len, getattr(args, "sft_only_data_path", ()) if phase == 1 else (),
         chat_format=format_from_args(args, tokenizer), train_on_all_turns=getattr(args, "train_on_all_turns", False))
     train, evaluation = train.subset(args.max_train_samples), evaluation.subset(args.max_eval_samples)
-    return (make_dataloader(train, collator, args.per_device_train_batch_size, True, args.seed),
-            make_dataloader(evaluation, collator, args.per_device_eval_batch_size, False, args.seed))
+    if args.max_tokens_per_batch:
+        train_loader = budget_dataloader(train, collator, args.max_tokens_per_batch, packed, args.seed)
+    else:
+        train_loader = make_dataloader(train, collator, args.per_device_train_batch_size, True, args.seed)
+    return train_loader, make_dataloader(evaluation, collator, args.per_device_eval_batch_size, False, args.seed)

@@ -29,6 +29,7 @@ class PackedRows:
     blocks: List[Block]         # attention stays within each block
     source: torch.Tensor        # (B * T,) the packed position of each padded position, -1 for padding
     shape: tuple                # (B, T) of the padded batch
+    read_from: Optional[List[int]] = None  # per block, the first position a pairwise loss reads (pack_pairs)
 
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
@@ -52,7 +53,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedR
     B = B2 // 2
     lengths = attention_mask.sum(-1).tolist()
     rows = input_ids.tolist()
-    ids, positions, blocks = [], [], []
+    ids, positions, blocks, read_from = [], [], [], []
     source = torch.full((B2 * T,), -1, dtype=torch.long)
     for b in range(B):
         c, r = rows[b][:lengths[b]], rows[B + b][:lengths[B + b]]
@@ -70,15 +71,33 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedR
         allowed = torch.ones(L, L, dtype=torch.bool).tril()             # causal over the block
         allowed[p + a:, p:p + a] = False                                  # rejected's rest never sees chosen's
         blocks.append((start, start + L, allowed if a and z else None))
+        # The pairwise loss reads each row from the first differing token on (losses.divergence_span), and its
+        # last token: both within the rests, except where a row ends inside the prefix (one answer a prefix of
+        # the other, or both equal).
+        read_from.append(start + min(p, len(c) - 1, len(r) - 1))
     device = input_ids.device
     return PackedRows(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
-                      [(s, e, m if m is None else m.to(device)) for s, e, m in blocks], source.to(device), (B2, T))
+                      [(s, e, m if m is None else m.to(device)) for s, e, m in blocks], source.to(device), (B2, T),
+                      read_from)
 
 
-def unpack(values: torch.Tensor, packed: PackedRows, fill: float = 0.0) -> torch.Tensor:
+def read_positions(packed: PackedRows) -> torch.Tensor:
+    """(R,) the packed positions from each block's read_from to its end, block after block."""
+    return torch.cat([torch.arange(f, end) for (_, end, _), f in zip(packed.blocks, packed.read_from)]).to(
+        packed.source.device)
+
+
+def unpack(values: torch.Tensor, packed: PackedRows, fill: float = 0.0,
+           positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token values of the packed sequence, (1, N) or (N,), in the padded layout (B, T), `fill` on padding
-    (a shared prefix's values in both of its rows). Differentiable (the two rows' gradients add up)."""
+    (a shared prefix's values in both of its rows). Differentiable (the two rows' gradients add up).
+    positions: values holds only these packed positions, (R,) (read_positions); `fill` everywhere else."""
     flat = values.reshape(-1)
-    real = packed.source >= 0
-    out = flat[packed.source.clamp(min=0)]
+    source = packed.source
+    if positions is not None:  # packed position -> index into values, -1 where not computed
+        lookup = torch.full((int(packed.input_ids.size(1)),), -1, dtype=torch.long, device=source.device)
+        lookup[positions] = torch.arange(positions.numel(), device=source.device)
+        source = torch.where(source >= 0, lookup[source.clamp(min=0)], source)
+    real = source >= 0
+    out = flat[source.clamp(min=0)]
     return torch.where(real, out, out.new_full((), fill)).view(packed.shape)

@@ -59,7 +59,8 @@ def suffix_start(from_position: int, length: int) -> int:
 def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     position_ids: Optional[torch.Tensor] = None, *, from_position: int = 0, replay=None, record=None,
                     keys_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                    segments: Optional[Sequence[Tuple[int, int, Optional[torch.Tensor]]]] = None) -> torch.Tensor:
+                    segments: Optional[Sequence[Tuple[int, int, Optional[torch.Tensor]]]] = None,
+                    last_layer_from: Optional[Sequence[int]] = None) -> torch.Tensor:
     """The final-normed hidden states (B, T - S, H) of positions S .. T - 1, S = suffix_start(from_position, T).
 
     body: a decoder body that `runs` (LlamaModel, MistralModel, Qwen2Model). input_ids (B, T); attention_mask
@@ -71,6 +72,9 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     ids restart at each, and attention stays within each (start, end, mask) block of the sequence: causal, or
     under the block's own boolean mask (a reward pair sharing its prefix). No padding, so no attention_mask, and
     from_position 0.
+    last_layer_from: with segments, one position per block: the last layer computes each block's positions from
+    this one to its end only (the earlier ones serve as keys and values), and the result is (1, R, H), those
+    positions block after block (packing.read_positions): what a loss that reads no earlier position needs.
     Under ZeRO-3 every parameter is used through its module's call, which gathers it."""
     B, T = input_ids.shape
     S = suffix_start(from_position, T)
@@ -79,34 +83,50 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
                          f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
     if segments is not None and (attention_mask is not None or S or replay is not None or record is not None):
         raise ValueError("packed rows (segments) take no attention_mask, from_position, replay or record")
+    if segments is not None and [(a, b) for a, b, _ in segments] != list(zip(
+            [0] + [b for _, b, _ in segments[:-1]], [b for _, b, _ in segments[:-1]] + [T])):
+        raise ValueError("packed rows' segments must tile the sequence: 0 .. T, one after the other")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
     partitioned = is_partitioned(body)                                  # ZeRO-3: modules gather their weights
     x = body.embed_tokens(input_ids)                                    # (B, T, H)
     cos, sin = body.rotary_emb(x, position_ids)                         # (B, T, D) each, in x's dtype
-    # packed rows: attention block by block
-    mask = _attention_mask(attention_mask, T, S, x.device) if segments is None else list(segments)
+    # packed rows: attention block by block, (start, end, block mask, first query of the block)
+    mask = _attention_mask(attention_mask, T, S, x.device) if segments is None else \
+        [(a, b, m, a) for a, b, m in segments]
+    last_mask, last_start = mask, S
+    if last_layer_from is not None:
+        last_mask = [(a, b, m, f) for (a, b, m, _), f in zip(mask, last_layer_from)]
+        last_start = torch.cat([torch.arange(f, b) for _, b, _, f in last_mask]).to(x.device)  # (R,)
     run = _Linears(replay, record, T)
     silu = getattr(body.config, "hidden_act", None) == "silu"
     last = len(body.layers) - 1
     for i, layer in enumerate(body.layers):
-        start = S if i == last else 0
+        start, layer_mask = (last_start, last_mask) if i == last else (0, mask)
         if getattr(layer, "gradient_checkpointing", False) and layer.training:  # transformers' flag for the layer
-            x = checkpoint(_layer, layer, i, x, cos, sin, mask, start, run, silu, partitioned, None,
+            x = checkpoint(_layer, layer, i, x, cos, sin, layer_mask, start, run, silu, partitioned, None,
                            use_reentrant=False)                         # recomputed in the backward
         else:
-            x = _layer(layer, i, x, cos, sin, mask, start, run, silu, partitioned, keys_values)
+            x = _layer(layer, i, x, cos, sin, layer_mask, start, run, silu, partitioned, keys_values)
     return _norm(body.norm, x, partitioned)
 
 
-def _attention(q, k, v, mask, start: int, dropout: float, scale: float, gqa: bool) -> torch.Tensor:
-    """SDPA of q (B, nh, T - start, D) over k, v (B, nkv, T, D): under `mask` (a boolean tensor; None: causal), or,
-    for packed rows (mask = their (start, end, block mask) blocks, start 0), within each block."""
+def _attention(q, k, v, mask, start, dropout: float, scale: float, gqa: bool) -> torch.Tensor:
+    """SDPA of q (B, nh, Tq, D) over k, v (B, nkv, T, D): under `mask` (a boolean tensor; None: causal) with q the
+    positions start .. T - 1, or, for packed rows, block by block: mask = their (start, end, block mask, first
+    query) blocks and q the positions from each block's first query to its end, block after block."""
     if isinstance(mask, list):
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=m,
-                                                         dropout_p=dropout, is_causal=m is None, scale=scale,
-                                                         enable_gqa=gqa)
-                          for a, b, m in mask], dim=2)
+        # The blocks tile 0 .. T one after the other: split (whose backward is one cat) rather than a slice per
+        # block, whose backward would fill a zero tensor of the whole q, k, v for each block.
+        sizes = [b - a for a, b, _, _ in mask]
+        queries = q.split([b - f for _, b, _, f in mask], 2)
+        out = []
+        for qb, kb, vb, (a, b, m, f) in zip(queries, k.split(sizes, 2), v.split(sizes, 2), mask):
+            if f > a:  # queries from block position f - a on: their rows of the block's (causal) mask
+                m = (torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).tril() if m is None else m)[f - a:]
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, dropout_p=dropout,
+                                                      is_causal=m is None, scale=scale, enable_gqa=gqa))
+        return torch.cat(out, dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, start:],
                                           dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=gqa)
 
@@ -127,28 +147,35 @@ def _attention_mask(attention_mask: Optional[torch.Tensor], T: int, S: int, devi
     return allowed | (empty & (pos[None, :] == pos[:, None]))
 
 
-def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start: int, run: "_Linears", silu: bool,
+def _layer(layer: nn.Module, i: int, x: torch.Tensor, cos, sin, mask, start, run: "_Linears", silu: bool,
            partitioned: bool, keys_values) -> torch.Tensor:
-    """One decoder layer: x (B, T, H) -> (B, T - start, H), the layer's output at positions start .. T - 1.
+    """One decoder layer: x (B, T, H) -> (B, Tq, H), the layer's output at positions start .. T - 1 (start an int)
+    or at the (Tq,) positions `start` holds.
     mask: a boolean attention mask, None (causal), or packed rows' blocks (see _attention)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     D = attn.head_dim
     h = _norm(layer.input_layernorm, x, partitioned)                      # (B, T, H): k and v need every position
-    q = run(i, "q", attn.q_proj, h[:, start:]).view(B, T - start, -1, D).transpose(1, 2)   # (B, nh, T-start, D)
+    Tq = T - start if isinstance(start, int) else start.numel()        # the positions this layer outputs
+    q = run(i, "q", attn.q_proj, _positions(h, start)).view(B, Tq, -1, D).transpose(1, 2)  # (B, nh, Tq, D)
     k = run(i, "k", attn.k_proj, h).view(B, T, -1, D).transpose(1, 2)                      # (B, nkv, T, D)
     v = run(i, "v", attn.v_proj, h).view(B, T, -1, D).transpose(1, 2)
-    q = apply_rotary(q, cos[:, start:], sin[:, start:])
+    q = apply_rotary(q, _positions(cos, start), _positions(sin, start))
     k = apply_rotary(k, cos, sin)
     if keys_values is not None:
         keys_values.append((k, v))
     nh, nkv = q.size(1), k.size(1)
     # grouped-query heads read their shared key/value head without the copy repeat_kv makes
     a = _attention(q, k, v, mask, start, attn.attention_dropout if attn.training else 0.0, attn.scaling, nkv != nh)
-    a = a.transpose(1, 2).reshape(B, T - start, nh * D)               # (B, T-start, nh D)
-    x = x[:, start:] + run(i, "o", attn.o_proj, a)
+    a = a.transpose(1, 2).reshape(B, Tq, nh * D)                      # (B, Tq, nh D)
+    x = _positions(x, start) + run(i, "o", attn.o_proj, a)
     h = _norm(layer.post_attention_layernorm, x, partitioned)
     return x + _mlp(layer.mlp, i, h, run, silu, partitioned)
+
+
+def _positions(x: torch.Tensor, start) -> torch.Tensor:
+    """x (B, T, ...) at the positions a layer outputs: start .. T - 1 (an int), or the (R,) positions given."""
+    return x[:, start:] if isinstance(start, int) else x.index_select(1, start)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor, partitioned: bool) -> torch.Tensor:
@@ -225,6 +252,12 @@ class LeanCausalLM:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if segments is not None and target_ids is not None:
+            # packed rows: the last layer runs only from each row's first target position on
+            first, index = _first_targets(segments, target_positions)
+            hidden = decoder_forward(self.model, input_ids, None, position_ids, segments=segments,
+                                     last_layer_from=first)              # (1, R, H)
+            return lm_head_log_probs(self.lm_head, hidden[0, index], target_ids, logits_chunk)
         hidden = decoder_forward(self.model, input_ids, attention_mask, position_ids, from_position=from_position,
                                  replay=replay, segments=segments)       # (B, T - S, H)
         if target_ids is not None:
@@ -233,6 +266,17 @@ class LeanCausalLM:
         logits = (self.lm_head(hidden) if replay is None
                   else replay.replay_logits(self.lm_head, hidden))      # (B, T - S, V)
         return CausalLMOutputWithPast(logits=logits)
+
+
+def _first_targets(segments, targets: torch.Tensor):
+    """(each block's first target position, or its last position where it has none; the index of each target
+    among the positions the last layer then computes, block after block) for packed rows and (M,) positions."""
+    ends = torch.tensor([end for _, end, _ in segments], device=targets.device)
+    block = torch.bucketize(targets, ends, right=True)                  # (M,) the block holding each target
+    first = (ends - 1).scatter_reduce(0, block, targets, "amin")        # (n_blocks,)
+    computed = ends - first                                             # positions computed per block
+    offset = torch.cumsum(computed, 0) - computed                       # where each block's start among them
+    return first.tolist(), offset[block] + targets - first[block]
 
 
 def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from ..losses import end_scores, pairwise_reward_loss, position_ids_from_mask
 from ..utils import all_gather_cat
-from ..data.packing import pack_pairs, unpack
+from ..data.packing import pack_pairs, read_positions, unpack
 from .decoder import body_hidden_states, decoder_forward, runs, suffix_start
 from .model_utils import create_hf_model
 
@@ -71,18 +71,24 @@ class RewardModel(nn.Module):
         return self.v_head(self.hidden_states(input_ids, attention_mask, from_position))
 
     def packed_pair_values(self, input_ids, attention_mask) -> torch.Tensor:
-        """values() of a pair batch (rows [0, B) chosen, [B, 2B) rejected), computed packed without padding, each
-        pair's common prefix once (utils/data/packing.pack_pairs): (2B, T), 0 on padding."""
+        """The values the pairwise loss reads of a pair batch (rows [0, B) chosen, [B, 2B) rejected), computed
+        packed without padding, each pair's common prefix once (utils/data/packing.pack_pairs): (2B, T). The last
+        layer and the value head run only from each pair's first differing token (or its shorter row's last one)
+        on; the loss reads no earlier position, which holds 0 here, as padding does."""
         packed = pack_pairs(input_ids, attention_mask)
         hidden = decoder_forward(self.rwtransformer, packed.input_ids, None, packed.position_ids,
-                                 segments=packed.blocks)                   # (1, N, H)
-        return unpack(self.v_head(hidden), packed)
+                                 segments=packed.blocks, last_layer_from=packed.read_from)  # (1, R, H)
+        return unpack(self.v_head(hidden), packed, positions=read_positions(packed))
+
+    def packs(self, packing: bool, length: int) -> bool:
+        """Whether forward(packing=packing) runs pairs of up to `length` tokens packed."""
+        return packing and runs(self.rwtransformer, length)
 
     def forward(self, input_ids, attention_mask, packing: bool = False, **unused):
         """input_ids (2B, T): rows [0, B) chosen, [B, 2B) rejected (same prompts). Pairwise loss + end scores.
         packing: the pairs in one packed sequence, no padding, each pair's common prefix computed once (where
         decoder_forward runs); the loss reads no padding position, so it is the same."""
-        if packing and runs(self.rwtransformer, input_ids.size(1)):
+        if self.packs(packing, input_ids.size(1)):
             values = self.packed_pair_values(input_ids, attention_mask)
         else:
             values = self.values(input_ids, attention_mask)

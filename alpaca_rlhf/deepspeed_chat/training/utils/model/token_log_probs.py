@@ -15,6 +15,13 @@ from ..losses import gather_log_probs
 from .decoder import LeanCausalLM, runs
 
 
+def runs_lean(model, length: int) -> bool:
+    """Whether scored_token_log_probs computes `model` (a causal LM or its engine) with our decoder, for rows of up
+    to `length` tokens: answer-only LM head, and packing where asked; else the transformers forward, padded."""
+    module = getattr(model, "module", model)
+    return isinstance(module, LeanCausalLM) and runs(module, length)
+
+
 def scored_token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
                            packing: bool = True, logits_chunk: int = 0) -> torch.Tensor:
     """log pi(input_ids[b, j] | input_ids[b, :j]) where score_mask[b, j] is 1 (j >= 1), 0 elsewhere: (B, T).
@@ -23,8 +30,7 @@ def scored_token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch
     B, T = input_ids.shape
     scored = score_mask.bool().clone()
     scored[:, 0] = False                                                # the first token has no prediction
-    lean = isinstance(getattr(model, "module", model), LeanCausalLM) and runs(getattr(model, "module", model), T)
-    if not lean:
+    if not runs_lean(model, T):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits           # (B, T, V)
         logp = gather_log_probs(logits[:, :-1], input_ids[:, 1:])                           # (B, T-1): token j+1
         return torch.nn.functional.pad(logp, (1, 0)) * scored.to(logp.dtype)
