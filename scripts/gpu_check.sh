@@ -17,8 +17,8 @@
 #      fused_adam op (the optimizer `--optimizer auto` picks on GPUs) and, in the background while the first
 #      cases run, the transformer_inference op the hybrid engine needs. These are the `prep:` rows.
 #   2. Runs short cases (a few optimizer steps each) through `sh run.sh --num_gpus 1`, each under `timeout`:
-#        step 1 (SFT)        bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full
-#        step 2 (reward)     bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full          (from step 1 of the same dtype)
+#        step 1 (SFT)        bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full, token-budget micro-batches
+#        step 2 (reward)     bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full, token budget (from step 1 of the same dtype)
 #        DPO                 bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full          (from step 1 of the same dtype)
 #        step 3 (PPO)        bf16 ZeRO-2 LoRA    | fp16 ZeRO-3 full          (step-1 actor, step-2 critic)
 #                            bf16 ZeRO-2 full + hybrid engine | fp16 ZeRO-2 LoRA + hybrid engine
@@ -426,9 +426,9 @@ s3() {  # name limit may_refuse actor critic dtype actor_zero critic_zero extra.
 }
 
 s1 s1_bf16_z2_lora bf16 2 "${lora[@]}"
-s1 s1_fp16_z3_full fp16 3
+s1 s1_fp16_z3_full fp16 3 --max_tokens_per_batch 768
 s2 s2_bf16_z2_lora s1_bf16_z2_lora bf16 2 "${lora[@]}"
-s2 s2_fp16_z3_full s1_fp16_z3_full fp16 3
+s2 s2_fp16_z3_full s1_fp16_z3_full fp16 3 --max_tokens_per_batch 1024
 dpo dpo_bf16_z2_lora s1_bf16_z2_lora bf16 2 "${lora[@]}"
 dpo dpo_fp16_z3_full s1_fp16_z3_full fp16 3
 s3 s3_bf16_z2_lora 180 0 s1_bf16_z2_lora s2_bf16_z2_lora bf16 2 2 "${lora3[@]}"
