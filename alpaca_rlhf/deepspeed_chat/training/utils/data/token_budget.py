@@ -46,12 +46,18 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         self.tokens, self.max_tokens, self.padded = np.asarray(tokens), max_tokens, padded
         self.shuffle, self.seed, self.num_replicas, self.rank = shuffle, seed, num_replicas, rank
         self.epoch = 0
+        self._cached = (None, None)  # (epoch, its batches): len() and iter() of one epoch cut the rows once
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def all_batches(self, epoch: int) -> List[List[int]]:
         """Every rank's micro-batches of `epoch`, topped up to a multiple of the world size."""
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self._cut(epoch))
+        return self._cached[1]
+
+    def _cut(self, epoch: int) -> List[List[int]]:
         n = len(self.tokens)
         if self.shuffle:  # a generator of its own: the global RNG (restored by a resume) is not touched
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()

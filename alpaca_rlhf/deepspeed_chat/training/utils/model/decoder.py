@@ -14,7 +14,8 @@ forwards replaced on its modules at run time. Here each one is an argument of a 
   the lean decode step (llama_decoder.py);
 - `segments`: a micro-batch's rows packed into one sequence without padding, attention block by block
   (utils/data/packing.py), and `target_ids`: the LM head only at the positions whose next token a loss scores
-  (token_log_probs.py), for steps 1, 2 and DPO.
+  (token_log_probs.py), for steps 1, 2 and DPO; `last_layer_from` is `from_position` per packed row (from each
+  row's first scored position, or each reward pair's first differing token).
 
 Who calls it: `LeanCausalLM.forward` (the class create_hf_model loads for these families, so steps 1, DPO, PTX and
 the PPO log-prob passes reach it through the DeepSpeed engine as before), `RewardModel.hidden_states` (reward and

@@ -4,7 +4,8 @@
 answer, a DPO pair's responses). On the LLaMA-like families (decoder.runs) the rows of the micro-batch are packed
 without padding (--packing, utils/data/packing.py) and the final LM head and log-softmax run only at the positions
 that predict a scored token, --logits_chunk at a time (decoder.lm_head_log_probs): the (tokens x vocab) logits of
-prompt and padding positions, which the loss would throw away, are never computed. Other families (OPT, GPT-2,
+prompt and padding positions, which the loss would throw away, are never computed; the last decoder layer, whose
+outputs only the LM head reads, computes each row from its first such position on. Other families (OPT, GPT-2,
 flash-attention kernels) take the transformers forward over the padded batch and the full logits; the numbers are
 the same either way (tests/test_packing.py).
 """
