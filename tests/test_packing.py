@@ -8,7 +8,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2Model)
 
-from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_pairs, pack_rows, read_positions, unpack
+from alpaca_rlhf.deepspeed_chat.training.utils.data.packing import pack_pairs, pack_rows, suffix_positions, unpack
 from alpaca_rlhf.deepspeed_chat.training.utils.losses import dpo_loss, sequence_log_probs
 from alpaca_rlhf.deepspeed_chat.training.utils.model.decoder import LEAN_CAUSAL_LM, decoder_forward
 from alpaca_rlhf.deepspeed_chat.training.utils.model.model_utils import causal_lm_loss
@@ -71,8 +71,9 @@ def test_a_pair_shares_its_common_prefix():
     (start, end, allowed), = packed.blocks
     assert (start, end) == (0, 5) and not allowed[4, 2] and not allowed[4, 3] and allowed[4, 1] and allowed[4, 4]
     assert torch.equal(unpack(packed.input_ids.float(), packed), ids.float())
-    assert packed.read_from == [2] and read_positions(packed).tolist() == [2, 3, 4]  # from the first difference
-    assert unpack(torch.tensor([7.0, 8.0, 9.0]), packed, positions=read_positions(packed)).tolist() == \
+    computed = suffix_positions(packed.blocks, packed.read_from)
+    assert packed.read_from == [2] and computed.tolist() == [2, 3, 4]  # from the first difference
+    assert unpack(torch.tensor([7.0, 8.0, 9.0]), packed, positions=computed).tolist() == \
         [[0, 0, 7, 8, 0], [0, 0, 9, 0, 0]]
 
 

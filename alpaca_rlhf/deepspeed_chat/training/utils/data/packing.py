@@ -81,23 +81,29 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedR
                       read_from)
 
 
-def read_positions(packed: PackedRows) -> torch.Tensor:
-    """(R,) the packed positions from each block's read_from to its end, block after block."""
-    return torch.cat([torch.arange(f, end) for (_, end, _), f in zip(packed.blocks, packed.read_from)]).to(
-        packed.source.device)
+def suffix_positions(blocks, firsts, device=None) -> torch.Tensor:
+    """(R,) the positions from firsts[k] to the end of blocks[k], block after block: what the last layer computes
+    with decoder_forward's last_layer_from=firsts, in the order of its output."""
+    return torch.cat([torch.arange(f, end, device=device) for (_, end, _), f in zip(blocks, firsts)])
+
+
+def position_index(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) each position's index in `positions` (R,), -1 where it is not among them."""
+    index = torch.full((length,), -1, dtype=torch.long, device=positions.device)
+    index[positions] = torch.arange(positions.numel(), device=positions.device)
+    return index
 
 
 def unpack(values: torch.Tensor, packed: PackedRows, fill: float = 0.0,
            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token values of the packed sequence, (1, N) or (N,), in the padded layout (B, T), `fill` on padding
     (a shared prefix's values in both of its rows). Differentiable (the two rows' gradients add up).
-    positions: values holds only these packed positions, (R,) (read_positions); `fill` everywhere else."""
+    positions: values holds only these packed positions, (R,) (suffix_positions); `fill` everywhere else."""
     flat = values.reshape(-1)
     source = packed.source
     if positions is not None:  # packed position -> index into values, -1 where not computed
-        lookup = torch.full((int(packed.input_ids.size(1)),), -1, dtype=torch.long, device=source.device)
-        lookup[positions] = torch.arange(positions.numel(), device=source.device)
-        source = torch.where(source >= 0, lookup[source.clamp(min=0)], source)
+        source = torch.where(source >= 0, position_index(positions, packed.input_ids.size(1))[source.clamp(min=0)],
+                             source)
     real = source >= 0
     out = flat[source.clamp(min=0)]
     return torch.where(real, out, out.new_full((), fill)).view(packed.shape)

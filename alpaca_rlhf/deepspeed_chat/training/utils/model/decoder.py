@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..data.packing import position_index, suffix_positions
 from ..losses import gather_log_probs
 from .families import FAMILIES, family_of, plain_layers
 from .families import partitioned as is_partitioned
@@ -75,7 +76,7 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     from_position 0.
     last_layer_from: with segments, one position per block: the last layer computes each block's positions from
     this one to its end only (the earlier ones serve as keys and values), and the result is (1, R, H), those
-    positions block after block (packing.read_positions): what a loss that reads no earlier position needs.
+    positions block after block (packing.suffix_positions): what a loss that reads no earlier position needs.
     Under ZeRO-3 every parameter is used through its module's call, which gathers it."""
     B, T = input_ids.shape
     S = suffix_start(from_position, T)
@@ -84,9 +85,10 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
                          f"({replay.prompt_length - 1}), not {S}: only that suffix was recorded there")
     if segments is not None and (attention_mask is not None or S or replay is not None or record is not None):
         raise ValueError("packed rows (segments) take no attention_mask, from_position, replay or record")
-    if segments is not None and [(a, b) for a, b, _ in segments] != list(zip(
-            [0] + [b for _, b, _ in segments[:-1]], [b for _, b, _ in segments[:-1]] + [T])):
-        raise ValueError("packed rows' segments must tile the sequence: 0 .. T, one after the other")
+    if segments is not None:
+        starts, ends = [a for a, _, _ in segments], [b for _, b, _ in segments]
+        if starts[0] != 0 or ends[-1] != T or starts[1:] != ends[:-1]:
+            raise ValueError("packed rows' segments must tile the sequence: 0 .. T, one after the other")
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
     partitioned = is_partitioned(body)                                  # ZeRO-3: modules gather their weights
@@ -98,7 +100,7 @@ def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     last_mask, last_start = mask, S
     if last_layer_from is not None:
         last_mask = [(a, b, m, f) for (a, b, m, _), f in zip(mask, last_layer_from)]
-        last_start = torch.cat([torch.arange(f, b) for _, b, _, f in last_mask]).to(x.device)  # (R,)
+        last_start = suffix_positions(segments, last_layer_from, x.device)   # (R,)
     run = _Linears(replay, record, T)
     silu = getattr(body.config, "hidden_act", None) == "silu"
     last = len(body.layers) - 1
@@ -271,13 +273,12 @@ class LeanCausalLM:
 
 def _first_targets(segments, targets: torch.Tensor):
     """(each block's first target position, or its last position where it has none; the index of each target
-    among the positions the last layer then computes, block after block) for packed rows and (M,) positions."""
+    among the positions the last layer then computes) for packed rows and (M,) target positions."""
     ends = torch.tensor([end for _, end, _ in segments], device=targets.device)
     block = torch.bucketize(targets, ends, right=True)                  # (M,) the block holding each target
-    first = (ends - 1).scatter_reduce(0, block, targets, "amin")        # (n_blocks,)
-    computed = ends - first                                             # positions computed per block
-    offset = torch.cumsum(computed, 0) - computed                       # where each block's start among them
-    return first.tolist(), offset[block] + targets - first[block]
+    first = (ends - 1).scatter_reduce(0, block, targets, "amin").tolist()  # (n_blocks,)
+    computed = suffix_positions(segments, first, targets.device)        # (R,)
+    return first, position_index(computed, segments[-1][1])[targets]
 
 
 def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from ..losses import end_scores, pairwise_reward_loss, position_ids_from_mask
 from ..utils import all_gather_cat
-from ..data.packing import pack_pairs, read_positions, unpack
+from ..data.packing import pack_pairs, suffix_positions, unpack
 from .decoder import body_hidden_states, decoder_forward, runs, suffix_start
 from .model_utils import create_hf_model
 
@@ -78,7 +78,8 @@ class RewardModel(nn.Module):
         packed = pack_pairs(input_ids, attention_mask)
         hidden = decoder_forward(self.rwtransformer, packed.input_ids, None, packed.position_ids,
                                  segments=packed.blocks, last_layer_from=packed.read_from)  # (1, R, H)
-        return unpack(self.v_head(hidden), packed, positions=read_positions(packed))
+        computed = suffix_positions(packed.blocks, packed.read_from, hidden.device)   # (R,)
+        return unpack(self.v_head(hidden), packed, positions=computed)
 
     def packs(self, packing: bool, length: int) -> bool:
         """Whether forward(packing=packing) runs pairs of up to `length` tokens packed."""
